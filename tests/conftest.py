@@ -1,0 +1,121 @@
+"""Shared fixtures: a tiny random Llama (fast logic tests) and the real default model (integration)."""
+
+from __future__ import annotations
+
+import gc
+
+import pytest
+import torch
+
+import workbench as wb
+
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] }}"
+    "{% if not (loop.last and continue_final_message) %}{{ '<|im_end|>\\n' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog.", "Tell me about Tokyo in two sentences.",
+    "Pirates sail the seven seas looking for treasure, arr matey!", "What is the capital of France? Paris.",
+    "You are a helpful assistant.", "Hello there, how are you today?", "Write a haiku about programming.",
+    "Numbers: 0 1 2 3 4 5 6 7 8 9, and symbols: {}[]():;,.!?'\"-+=*/", "Café, naïve, façade, 東京, émigré.",
+] * 20
+
+
+def build_tiny_model(path, seed: int = 0):
+    """A 4-block Llama with a small BPE tokenizer and a ChatML template, saved as an HF folder."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   bos_token="<|im_start|>", unk_token="<|endoftext|>")
+    fast.chat_template = CHATML
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(fast), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         initializer_range=0.3, eos_token_id=fast.eos_token_id, pad_token_id=fast.pad_token_id,
+                         bos_token_id=fast.bos_token_id, tie_word_embeddings=False)
+    model = LlamaForCausalLM(config).eval()
+    model.save_pretrained(path)
+    fast.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_dir):
+    model = wb.load(str(tiny_dir))
+    yield model
+    model.close()
+
+
+@pytest.fixture(scope="session")
+def default_model():
+    model = wb.load("default")
+    yield model
+    model.close()
+    gc.collect()
+
+
+@pytest.fixture(params=["tiny", "default"])
+def any_model(request):
+    """Both the tiny model and the real default model (tests that must hold on a real model too)."""
+    return request.getfixturevalue("tiny" if request.param == "tiny" else "default_model")
+
+
+def reference_hidden(model, token_ids, layers, steering=None):
+    """The model's own residual stream at the output of each block in ``layers``, from a plain forward.
+
+    Steering, if given, is applied by plain forward hooks written here from the DESIGN.md formulas
+    (not by the engine). Returns ``{layer: [tokens, hidden]}`` and ``output_hidden_states``.
+    """
+    hf = model.hf_model
+    blocks = hf.model.layers
+    seen, handles = {}, []
+
+    def make(layer):
+        def hook(module, args, output):
+            h = output[0] if isinstance(output, tuple) else output
+            if steering is not None and layer in steering.layers:
+                for op in steering.layers[layer].operations:
+                    v = op.vector.to(h.dtype)
+                    if isinstance(op, wb.AddSpec):
+                        h = h + op.scale * v
+                    else:
+                        u = v / v.norm()
+                        p = h @ u
+                        if isinstance(op, wb.ProjectionCapSpec):
+                            h = h + (p.clamp(min=op.min, max=op.max) - p)[..., None] * u
+                        else:
+                            h = h + (op.scale - 1.0) * p[..., None] * u
+            seen[layer] = h[0].detach().clone()
+            return (h, *output[1:]) if isinstance(output, tuple) else h
+        return hook
+
+    for layer in range(len(blocks)):
+        handles.append(blocks[layer].register_forward_hook(make(layer)))
+    try:
+        with torch.no_grad():
+            out = hf(input_ids=torch.tensor([token_ids]), output_hidden_states=True)
+    finally:
+        for h in handles:
+            h.remove()
+    return {l: seen[l] for l in layers}, [hs[0] for hs in out.hidden_states]
+
+
+def assert_close_rel(actual, expected, rel=1e-4):
+    """max |a - e| <= rel * max |e| (the acceptance tolerance for captures)."""
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    scale = expected.abs().max().item()
+    diff = (actual.float() - expected.float()).abs().max().item()
+    assert diff <= rel * scale, f"max abs diff {diff:.3g} > {rel} x {scale:.3g}"

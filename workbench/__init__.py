@@ -1,0 +1,26 @@
+"""steering-workbench: steer, capture and plot language-model activations from a notebook.
+
+>>> import workbench as wb
+>>> model = wb.load("default")  # doctest: +SKIP
+"""
+
+from .capture import CaptureHandle
+from .chat import ChatResponse, MessageBoundary, StreamChunk
+from .engine import SteerModel, load
+from .errors import (
+    BackendUnavailableError, EmptyInputError, EngineError, LayerOutOfRangeError, ModelNotFoundError,
+    PromptTooLongError, SteeringStackEmptyError, ValidationError, VectorError, WorkbenchError,
+)
+from .models import resolve_model
+from .sampling import SamplingParams
+from .steering import AblationSpec, AddSpec, LayerSteeringSpec, ProjectionCapSpec, SteeringSpec
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AblationSpec", "AddSpec", "BackendUnavailableError", "CaptureHandle", "ChatResponse", "EmptyInputError",
+    "EngineError", "LayerOutOfRangeError", "LayerSteeringSpec", "MessageBoundary", "ModelNotFoundError",
+    "ProjectionCapSpec", "PromptTooLongError", "SamplingParams", "SteerModel", "SteeringSpec",
+    "SteeringStackEmptyError", "StreamChunk", "ValidationError", "VectorError", "WorkbenchError", "load",
+    "resolve_model",
+]

@@ -1,0 +1,379 @@
+"""``SteerModel``: the backend-independent half of the engine.
+
+It validates input, renders chats, keeps the global steering state with readers-writer
+semantics (chatspace's), and turns a backend's per-request event streams into texts,
+``ChatResponse``s, stream chunks and ``CaptureHandle``s. A backend implements ``_submit``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import math
+import uuid
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+import torch
+
+from ..capture import CaptureHandle
+from ..chat import ChatResponse, StreamChunk, check_chat_options, normalize_conversations, render_chat
+from ..errors import (
+    EmptyInputError, EngineError, LayerOutOfRangeError, PromptTooLongError, SteeringStackEmptyError, ValidationError,
+)
+from ..sampling import SamplingParams
+from ..steering import AblationSpec, AddSpec, ProjectionCapSpec, SteeringSpec, replace_op
+from .rwlock import AsyncRWLock
+
+
+@dataclass
+class Request:
+    """One prompt on its way through a backend; the backend reports back through ``emit``."""
+
+    request_id: str
+    prompt_ids: list
+    sampling: SamplingParams
+    steering: SteeringSpec
+    capture_layers: tuple
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    cancelled: bool = False
+
+    def emit(self, event) -> None:
+        """Thread-safe: hand an event to the caller's event loop."""
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+        except RuntimeError:  # the caller's loop is gone; nobody is listening any more
+            self.cancelled = True
+
+
+@dataclass
+class TokenEvent:
+    token_id: int
+    text: str
+
+
+@dataclass
+class FinishEvent:
+    finish_reason: str
+    text: str
+    token_ids: list
+    captures: dict  # layer -> [tokens, hidden] tensor
+
+
+@dataclass
+class ErrorEvent:
+    error: BaseException
+
+
+@dataclass
+class _Result:
+    text: str
+    token_ids: list
+    finish_reason: str
+    captures: dict
+
+
+class SteerModel:
+    """A language model with per-request and global steering, capture, chat and streaming.
+
+    Get one with ``wb.load``; every generation method is ``async`` (top-level ``await`` works in
+    notebooks).
+
+    >>> model = wb.load("default")                                            # doctest: +SKIP
+    >>> await model.generate("The capital of France is", wb.SamplingParams(temperature=0, max_tokens=8))  # doctest: +SKIP
+    [' Paris...']
+    """
+
+    backend: str = "base"
+
+    def __init__(self, model_name: str, tokenizer, hidden_size: int, layer_count: int, max_model_len: int):
+        self.model_name = model_name
+        self.tokenizer = tokenizer
+        self.hidden_size = int(hidden_size)
+        self.layer_count = int(layer_count)
+        self.max_model_len = int(max_model_len)
+        self._global = SteeringSpec()
+        self._stack: list[SteeringSpec] = []
+        self._rw = AsyncRWLock()
+        self._ids = itertools.count()
+        self._closed = False
+
+    # ------------------------------------------------------------------ backend hooks
+    def _submit(self, request: Request) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _cancel(self, request: Request) -> None:  # pragma: no cover - abstract
+        request.cancelled = True
+
+    def close(self) -> None:
+        """Stop the engine and free the model; further requests raise ``EngineError``."""
+        self._closed = True
+
+    def __repr__(self) -> str:
+        return (f"<{type(self).__name__} {self.model_name!r} backend={self.backend} layers={self.layer_count} "
+                f"hidden={self.hidden_size}>")
+
+    # ------------------------------------------------------------------ validation
+    def check_layer(self, layer, what: str = "layer") -> int:
+        if isinstance(layer, bool) or not isinstance(layer, int):
+            raise LayerOutOfRangeError(f"{what} must be an integer in 0..{self.layer_count - 1}, got {layer!r}")
+        if not 0 <= layer < self.layer_count:
+            raise LayerOutOfRangeError(f"{what} {layer} is out of range; allowed 0..{self.layer_count - 1}")
+        return layer
+
+    def _capture_layers(self, capture_layers) -> tuple:
+        if capture_layers is None:
+            return ()
+        if isinstance(capture_layers, int):
+            capture_layers = [capture_layers]
+        return tuple(sorted({self.check_layer(l, "capture layer") for l in capture_layers}))
+
+    def _steering_for(self, steering, n: int) -> list:
+        """One validated spec (or None = global) per prompt."""
+        items = list(steering) if isinstance(steering, (list, tuple)) else [steering] * n
+        if len(items) != n:
+            raise ValidationError(f"got {len(items)} steering specs for {n} prompts; pass one spec or one per prompt")
+        out = []
+        for spec in items:
+            if spec is None:
+                out.append(None)
+                continue
+            if hasattr(spec, "to_steering_spec"):  # a Variant or anything that compiles to a spec
+                spec = spec.to_steering_spec(self)
+            if isinstance(spec, dict):
+                spec = SteeringSpec.from_dict(spec)
+            if not isinstance(spec, SteeringSpec):
+                raise ValidationError(f"steering must be a SteeringSpec (or None for the global spec), got {type(spec).__name__}")
+            out.append(spec.validate(self.hidden_size, self.layer_count))
+        return out
+
+    def _check_prompt_ids(self, ids: list, what: str) -> list:
+        if not ids:
+            raise EmptyInputError(f"{what} is empty after tokenization; give at least one token")
+        if len(ids) >= self.max_model_len:
+            raise PromptTooLongError(
+                f"{what} has {len(ids)} tokens; the context holds {self.max_model_len} "
+                f"(prompt must be at most {self.max_model_len - 1} tokens to generate one)"
+            )
+        return ids
+
+    def _encode_prompt(self, prompt, i: int) -> list:
+        if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
+            ids = [int(t) for t in prompt]
+            bad = [t for t in ids if not 0 <= t < len(self.tokenizer)]
+            if bad:
+                raise ValidationError(f"prompts[{i}] has token id {bad[0]} outside 0..{len(self.tokenizer) - 1}")
+            return self._check_prompt_ids(ids, f"prompts[{i}]")
+        if not isinstance(prompt, str):
+            raise ValidationError(f"prompts[{i}] must be a string (or a list of token ids), got {type(prompt).__name__}")
+        if not prompt:
+            raise EmptyInputError(f"prompts[{i}] is an empty string")
+        return self._check_prompt_ids(self.tokenizer(prompt, add_special_tokens=True)["input_ids"], f"prompts[{i}]")
+
+    def _new_request(self, ids, sampling, spec, capture) -> Request:
+        if self._closed:
+            raise EngineError(f"{self!r} is closed; load the model again")
+        return Request(
+            request_id=f"req-{next(self._ids)}-{uuid.uuid4().hex[:8]}", prompt_ids=ids, sampling=sampling,
+            steering=spec, capture_layers=capture, loop=asyncio.get_running_loop(),
+        )
+
+    # ------------------------------------------------------------------ running requests
+    async def _events(self, request: Request):
+        """Submit and yield the request's events; cancel it in the backend if the consumer leaves."""
+        self._submit(request)
+        finished = False
+        try:
+            while True:
+                event = await request.queue.get()
+                if isinstance(event, ErrorEvent):
+                    finished = True
+                    raise event.error
+                yield event
+                if isinstance(event, FinishEvent):
+                    finished = True
+                    return
+        finally:
+            if not finished:
+                self._cancel(request)
+
+    async def _run(self, request: Request) -> _Result:
+        async for event in self._events(request):
+            if isinstance(event, FinishEvent):
+                return _Result(event.text, event.token_ids, event.finish_reason, event.captures)
+        raise EngineError(f"request {request.request_id} ended without a result")  # pragma: no cover
+
+    async def _run_many(self, prompt_ids: list, sampling, specs, capture) -> list:
+        async with self._rw.reading():
+            requests = [
+                self._new_request(ids, sampling, self._global if spec is None else spec, capture)
+                for ids, spec in zip(prompt_ids, specs)
+            ]
+            return await asyncio.gather(*(self._run(r) for r in requests))
+
+    def _handle(self, request_id, capture, prompt_ids, result: _Result, boundaries=()) -> CaptureHandle:
+        return CaptureHandle(
+            request_id=request_id, layer_indices=capture, prompt_token_ids=list(prompt_ids),
+            generated_token_ids=list(result.token_ids), message_boundaries=list(boundaries),
+            captures={layer: [{"hidden": t}] for layer, t in result.captures.items()}, tokenizer=self.tokenizer,
+        )
+
+    # ------------------------------------------------------------------ public generation API
+    async def generate(self, prompts, sampling_params=None, *, steering=None, capture_layers=None, **sampling_kwargs):
+        """Complete raw prompts; return texts, or ``(texts, handles)`` when ``capture_layers`` is given.
+
+        ``steering=None`` uses the global spec; a ``SteeringSpec`` (or one per prompt) is used exactly.
+
+        >>> texts = await model.generate(["Q: 2+2=? A:"], wb.SamplingParams(temperature=0, max_tokens=8))  # doctest: +SKIP
+        """
+        if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        if not isinstance(prompts, (list, tuple)) or not prompts:
+            raise EmptyInputError(f"prompts must be a non-empty string or list of strings, got {prompts!r}")
+        sampling = SamplingParams.from_any(sampling_params, **sampling_kwargs)
+        capture = self._capture_layers(capture_layers)
+        specs = self._steering_for(steering, len(prompts))
+        ids = [self._encode_prompt(p, i) for i, p in enumerate(prompts)]
+        results = await self._run_many(ids, sampling, specs, capture)
+        texts = [r.text for r in results]
+        if capture_layers is None:
+            return texts
+        return texts, [self._handle(f"gen-{i}", capture, pid, r) for i, (pid, r) in enumerate(zip(ids, results))]
+
+    def _render(self, conversations, chat_options):
+        opts = check_chat_options(chat_options)
+        rendered = [render_chat(self.tokenizer, conv, opts) for conv in conversations]
+        for i, r in enumerate(rendered):
+            self._check_prompt_ids(r.token_ids, f"conversation {i} (rendered)")
+        return rendered
+
+    async def chat(self, messages, sampling_params=None, *, steering=None, capture_layers=None, chat_options=None,
+                   **sampling_kwargs):
+        """Reply to one conversation or a list of them; return ``list[ChatResponse]`` (and handles).
+
+        ``chat_options={"continue_final_message": True, "add_generation_prompt": False}`` continues
+        a final assistant message (prefill).
+
+        >>> [reply] = await model.chat([{"role": "user", "content": "Hi!"}], max_tokens=16)  # doctest: +SKIP
+        """
+        conversations, _ = normalize_conversations(messages)
+        sampling = SamplingParams.from_any(sampling_params, **sampling_kwargs)
+        capture = self._capture_layers(capture_layers)
+        specs = self._steering_for(steering, len(conversations))
+        rendered = self._render(conversations, chat_options)
+        results = await self._run_many([r.token_ids for r in rendered], sampling, specs, capture)
+        responses = [
+            ChatResponse(prefill=r.prefill, generated=res.text, token_ids=list(res.token_ids), finish_reason=res.finish_reason)
+            for r, res in zip(rendered, results)
+        ]
+        if capture_layers is None:
+            return responses
+        handles = [self._handle(f"chat-{i}", capture, r.token_ids, res, r.boundaries)
+                   for i, (r, res) in enumerate(zip(rendered, results))]
+        return responses, handles
+
+    async def stream_chat(self, messages, sampling_params=None, *, steering=None, chat_options=None, **sampling_kwargs):
+        """Yield ``StreamChunk``s of one reply as tokens are produced; leaving the loop stops the request.
+
+        >>> async for chunk in model.stream_chat([{"role": "user", "content": "Hi"}], max_tokens=32):  # doctest: +SKIP
+        ...     print(chunk.text, end="")
+        """
+        conversations, single = normalize_conversations(messages)
+        if not single and len(conversations) != 1:
+            raise ValidationError(f"stream_chat takes one conversation, got {len(conversations)}")
+        sampling = SamplingParams.from_any(sampling_params, **sampling_kwargs)
+        [spec] = self._steering_for(steering, 1)
+        [rendered] = self._render(conversations, chat_options)
+        async with self._rw.reading():
+            request = self._new_request(rendered.token_ids, sampling, self._global if spec is None else spec, ())
+            async for event in self._events(request):
+                if isinstance(event, TokenEvent):
+                    yield StreamChunk(text=event.text, token_ids=[event.token_id])
+                elif isinstance(event, FinishEvent):
+                    yield StreamChunk(text="", token_ids=[], finish_reason=event.finish_reason)
+
+    async def fetch_captures_batch(self, handles) -> list:
+        """Make the captures of many handles available in one round trip; return the handles."""
+        handles = [handles] if isinstance(handles, CaptureHandle) else list(handles)
+        return handles
+
+    # ------------------------------------------------------------------ global steering (writers)
+    def export_steering_spec(self) -> SteeringSpec:
+        """A copy of the global spec."""
+        return self._global.copy()
+
+    async def apply_steering_spec(self, spec: SteeringSpec) -> None:
+        """Replace the global spec atomically (waits for in-flight requests)."""
+        [spec] = self._steering_for(spec if spec is not None else SteeringSpec(), 1)
+        async with self._rw.writing():
+            self._global = spec.copy()
+
+    async def _edit(self, layer_idx: int, op, kind) -> None:
+        self.check_layer(layer_idx, "layer_idx")
+        if op is not None:
+            SteeringSpec(layers={layer_idx: [op]}).validate(self.hidden_size, self.layer_count)
+        async with self._rw.writing():
+            self._global = replace_op(self._global, layer_idx, op, kind)
+
+    async def set_layer_vector(self, layer_idx: int, vector, scale: float = 1.0) -> None:
+        """Global additive steering at one layer: ``h <- h + scale * vector``."""
+        await self._edit(layer_idx, AddSpec(vector=vector, scale=scale), AddSpec)
+
+    async def clear_layer_vector(self, layer_idx: int) -> None:
+        await self._edit(layer_idx, None, AddSpec)
+
+    async def set_layer_projection_cap(self, layer_idx: int, vector, min: float | None = None, max: float | None = None) -> None:
+        """Global projection cap at one layer (applied after the layer's additive vector)."""
+        await self._edit(layer_idx, ProjectionCapSpec(vector=vector, min=min, max=max), ProjectionCapSpec)
+
+    async def clear_layer_projection_cap(self, layer_idx: int) -> None:
+        await self._edit(layer_idx, None, ProjectionCapSpec)
+
+    async def set_layer_ablation(self, layer_idx: int, vector, scale: float = 0.0) -> None:
+        """Global ablation at one layer: scale the component along ``vector`` by ``scale``."""
+        await self._edit(layer_idx, AblationSpec(vector=vector, scale=scale), AblationSpec)
+
+    async def clear_layer_ablation(self, layer_idx: int) -> None:
+        await self._edit(layer_idx, None, AblationSpec)
+
+    async def clear_all_vectors(self) -> None:
+        """Remove all global steering (the stack is kept)."""
+        async with self._rw.writing():
+            self._global = SteeringSpec()
+
+    async def push_steering_spec(self, spec: SteeringSpec | None = None) -> None:
+        """Save the current global spec on the stack, then apply ``spec`` if given."""
+        checked = self._steering_for(spec, 1)[0] if spec is not None else None
+        async with self._rw.writing():
+            self._stack.append(self._global.copy())
+            if checked is not None:
+                self._global = checked.copy()
+
+    async def pop_steering_spec(self) -> SteeringSpec:
+        """Restore the most recently pushed global spec; return the spec that was active."""
+        async with self._rw.writing():
+            if not self._stack:
+                raise SteeringStackEmptyError("pop_steering_spec: the steering stack is empty (push_steering_spec first)")
+            current, self._global = self._global, self._stack.pop()
+            return current
+
+    @asynccontextmanager
+    async def steering(self, spec: SteeringSpec):
+        """Apply ``spec`` globally inside the block; restore the previous spec after it.
+
+        >>> async with model.steering(spec):  # doctest: +SKIP
+        ...     texts = await model.generate(prompts, sampling)
+        """
+        await self.push_steering_spec(spec)
+        try:
+            yield self
+        finally:
+            await self.pop_steering_spec()
+
+
+def median_token_norm(hidden: torch.Tensor, skip_first: int = 1) -> float:
+    """Median per-token L2 norm, leaving out the first token(s) (they carry massive outliers)."""
+    rows = hidden[skip_first:] if hidden.shape[0] > skip_first else hidden
+    value = float(rows.float().norm(dim=-1).median())
+    return value if math.isfinite(value) else 0.0

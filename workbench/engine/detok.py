@@ -1,0 +1,61 @@
+"""Incremental detokenization with stop strings, for streaming.
+
+Decoding the whole output at every token is quadratic; this keeps a small window (the approach
+of vLLM and TGI) and holds back text that might still become the start of a stop string, so a
+streamed reply never shows a stop string.
+"""
+
+from __future__ import annotations
+
+
+class TextStream:
+    """Turn token ids into text deltas; ``text`` is the reply so far (stop string excluded)."""
+
+    def __init__(self, tokenizer, stop: list[str] | None = None):
+        self._tok = tokenizer
+        self._ids: list[int] = []
+        self._prefix_offset = 0
+        self._read_offset = 0
+        self.text = ""
+        self._emitted = 0
+        self._stop = list(stop or [])
+        self._hold = max((len(s) for s in self._stop), default=1) - 1
+        self.stopped = False
+
+    def _decode(self, ids) -> str:
+        return self._tok.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    def push(self, token_id: int) -> str:
+        """Add one token; return the text that can be shown now (may be empty)."""
+        self._ids.append(int(token_id))
+        prefix = self._decode(self._ids[self._prefix_offset:self._read_offset])
+        new = self._decode(self._ids[self._prefix_offset:])
+        if len(new) > len(prefix) and not new.endswith("\ufffd"):
+            self.text += new[len(prefix):]
+            self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
+        return self._release(final=False)
+
+    def finish(self) -> str:
+        """Flush what was held back (an incomplete character, a possible stop-string start)."""
+        if not self.stopped and self._read_offset < len(self._ids):
+            prefix = self._decode(self._ids[self._prefix_offset:self._read_offset])
+            new = self._decode(self._ids[self._prefix_offset:])
+            self.text += new[len(prefix):]
+            self._read_offset = len(self._ids)
+            self._check_stop()
+        return self._release(final=True)
+
+    def _check_stop(self) -> None:
+        if self._stop and not self.stopped:
+            start = max(0, self._emitted - self._hold - 1)
+            hits = [i for i in (self.text.find(s, start) for s in self._stop) if i >= 0]
+            if hits:
+                self.text = self.text[:min(hits)]
+                self.stopped = True
+
+    def _release(self, final: bool) -> str:
+        self._check_stop()
+        end = len(self.text) if (final or self.stopped) else max(self._emitted, len(self.text) - self._hold)
+        delta = self.text[self._emitted:end]
+        self._emitted = end
+        return delta

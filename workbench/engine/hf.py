@@ -1,0 +1,366 @@
+"""The ``hf`` backend: transformers on CPU or GPU, with a batching scheduler thread.
+
+Requests from any event loop go to one scheduler thread that runs shared forward passes:
+new requests are prefilled together (left-padded), then every active request advances one
+token per decode pass. Each row keeps its own steering, sampler and seed, so a request's
+tokens do not depend on its neighbours. Steering and capture happen in forward hooks on the
+decoder blocks, driven by a per-pass plan (row -> ops, row -> capture buffers).
+
+Written by hand rather than with transformers' ``generate``: ``generate`` cannot add or drop
+requests mid-flight, stream several requests, or give each row its own steering and seed.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import EngineError
+from ..sampling import make_generator, sample_token
+from ..steering import AddSpec, SteeringSpec
+from .base import ErrorEvent, FinishEvent, Request, SteerModel, TokenEvent
+from .detok import TextStream
+
+
+@dataclass
+class _Row:
+    req: Request
+    generator: object
+    stream: TextStream
+    eos_ids: frozenset
+    out_ids: list = field(default_factory=list)
+    chunks: dict = field(default_factory=dict)  # layer -> list of [n, hidden] CPU tensors
+    finish_reason: str | None = None
+
+
+@dataclass
+class _Pass:
+    """What the hooks do during one forward pass."""
+
+    plans: dict      # layer -> ("add", [B,1,H] table) | ("all", ops) | ("groups", [(index, ops)])
+    captures: dict   # layer -> [(row, start, chunk list)]
+
+
+class HFSteerModel(SteerModel):
+    """``SteerModel`` on transformers (see :class:`workbench.engine.base.SteerModel` for the API)."""
+
+    backend = "hf"
+
+    def __init__(self, hf_model, tokenizer, model_name: str, max_model_len: int | None = None, max_batch_size: int = 64):
+        config = hf_model.config
+        layers = _decoder_layers(hf_model)
+        ctx = int(max_model_len or getattr(config, "max_position_embeddings", 2048))
+        super().__init__(model_name, tokenizer, config.hidden_size, len(layers), ctx)
+        self.hf_model = hf_model
+        self.device = next(hf_model.parameters()).device
+        self.dtype = next(hf_model.parameters()).dtype
+        self.max_batch_size = int(max_batch_size)
+        gen_eos = getattr(getattr(hf_model, "generation_config", None), "eos_token_id", None)
+        eos = {tokenizer.eos_token_id, config.eos_token_id, *(gen_eos if isinstance(gen_eos, list) else [gen_eos])}
+        self._eos = frozenset(int(e) for e in eos if e is not None)
+        self._pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self._eos or {0})
+        self._pass: _Pass | None = None
+        self._hooks = [layer.register_forward_hook(self._make_hook(i)) for i, layer in enumerate(layers)]
+        self._cond = threading.Condition()
+        self._pending: deque = deque()
+        self._rows: list[_Row] = []
+        self._cache = None
+        self._mask = None
+        self._next_pos = None
+        self._plan_key = None
+        self._plans = {}
+        self.stats = {"prefill_passes": 0, "decode_passes": 0, "tokens": 0, "max_batch": 0, "requests": 0}
+        self._thread = threading.Thread(target=self._loop, name=f"workbench-hf-{model_name}", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ SteerModel hooks
+    def _submit(self, request: Request) -> None:
+        with self._cond:
+            if self._closed:
+                request.emit(ErrorEvent(EngineError(f"{self!r} is closed; load the model again")))
+                return
+            self._pending.append(request)
+            self._cond.notify()
+
+    def _cancel(self, request: Request) -> None:
+        with self._cond:
+            request.cancelled = True
+            self._cond.notify()
+
+    @property
+    def active_requests(self) -> int:
+        """Requests queued or running in the scheduler (0 when idle)."""
+        with self._cond:
+            return len(self._pending) + len(self._rows)
+
+    def close(self) -> None:
+        with self._cond:
+            if self._closed:
+                return
+            self._closed = True
+            self._cond.notify_all()
+        self._thread.join(timeout=30)
+        for h in self._hooks:
+            h.remove()
+        self._cache = None
+        self.hf_model = None
+
+    # ------------------------------------------------------------------ scheduler thread
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._closed and not self._pending and not self._rows:
+                    self._cond.wait()
+                if self._closed:
+                    error = EngineError(f"{self!r} was closed while this request ran")
+                    for req in list(self._pending) + [r.req for r in self._rows]:
+                        req.emit(ErrorEvent(error))
+                    self._pending.clear()
+                    self._rows = []
+                    return
+                room = self.max_batch_size - len(self._rows)
+                new = []
+                while self._pending and len(new) < room:
+                    req = self._pending.popleft()
+                    if not req.cancelled:
+                        new.append(req)
+            try:
+                self._drop_finished()
+                with torch.inference_mode():
+                    if new:
+                        self._prefill(new)
+                    elif self._rows:
+                        self._decode()
+                self._drop_finished()
+            except Exception as exc:  # one failing pass must not kill the engine
+                failed = [r.req for r in self._rows] + [r for r in new if r not in {x.req for x in self._rows}]
+                for req in failed:
+                    req.emit(ErrorEvent(EngineError(f"forward pass failed: {type(exc).__name__}: {exc}")))
+                self._reset_batch()
+            finally:
+                self._pass = None
+
+    def _reset_batch(self) -> None:
+        self._rows, self._cache, self._mask, self._next_pos, self._plan_key = [], None, None, None, None
+
+    def _prefill(self, reqs: list[Request]) -> None:
+        rows = [_Row(r, make_generator(r.sampling, self.device), TextStream(self.tokenizer, r.sampling.stop),
+                     self._eos | frozenset(r.sampling.stop_token_ids)) for r in reqs]
+        lens = [len(r.prompt_ids) for r in reqs]
+        width = max(lens)
+        ids = torch.full((len(reqs), width), self._pad_id, dtype=torch.long)
+        mask = torch.zeros((len(reqs), width), dtype=torch.long)
+        for i, r in enumerate(reqs):
+            ids[i, width - lens[i]:] = torch.tensor(r.prompt_ids)
+            mask[i, width - lens[i]:] = 1
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        from transformers import DynamicCache
+
+        cache = DynamicCache()
+        self._pass = _Pass(self._build_plans([r.steering for r in reqs]),
+                           self._capture_map(rows, [width - n for n in lens]))
+        out = self.hf_model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                            position_ids=pos.to(self.device), past_key_values=cache, use_cache=True, logits_to_keep=1)
+        self._pass = None
+        self.stats["prefill_passes"] += 1
+        self.stats["requests"] += len(reqs)
+        self._merge(rows, cache, mask.to(self.device), torch.tensor(lens, device=self.device))
+        self._sample(rows, out.logits[:, -1, :])
+
+    def _decode(self) -> None:
+        rows = self._rows
+        ids = torch.tensor([[r.out_ids[-1]] for r in rows], device=self.device)
+        self._mask = torch.cat([self._mask, self._mask.new_ones((len(rows), 1))], dim=1)
+        key = tuple(id(r.req.steering) for r in rows)
+        if key != self._plan_key:  # plans only change when the batch does
+            self._plans, self._plan_key = self._build_plans([r.req.steering for r in rows]), key
+        self._pass = _Pass(self._plans, self._capture_map(rows, [0] * len(rows)))
+        out = self.hf_model(input_ids=ids, attention_mask=self._mask, position_ids=self._next_pos[:, None],
+                            past_key_values=self._cache, use_cache=True)
+        self._pass = None
+        self._next_pos = self._next_pos + 1
+        self.stats["decode_passes"] += 1
+        self._sample(rows, out.logits[:, -1, :])
+
+    def _merge(self, rows, cache, mask, lens) -> None:
+        """Add freshly prefilled rows to the running batch, left-padding the shorter side."""
+        if not self._rows:
+            self._rows, self._cache, self._mask, self._next_pos = list(rows), cache, mask, lens
+        else:
+            width = max(self._mask.shape[1], mask.shape[1])
+            data = []
+            for old, new in zip(self._cache.layers, cache.layers):
+                data.append((torch.cat([_lpad(old.keys, width), _lpad(new.keys, width)]),
+                             torch.cat([_lpad(old.values, width), _lpad(new.values, width)])))
+            from transformers import DynamicCache
+
+            self._cache = DynamicCache(ddp_cache_data=data)
+            self._mask = torch.cat([_lpad(self._mask, width, dim=1), _lpad(mask, width, dim=1)])
+            self._next_pos = torch.cat([self._next_pos, lens])
+            self._rows = self._rows + list(rows)
+        self._plan_key = None
+        self.stats["max_batch"] = max(self.stats["max_batch"], len(self._rows))
+
+    def _drop_finished(self) -> None:
+        keep = [i for i, r in enumerate(self._rows) if r.finish_reason is None and not r.req.cancelled]
+        if len(keep) == len(self._rows):
+            return
+        if not keep:
+            self._reset_batch()
+            return
+        index = torch.tensor(keep, device=self.device)
+        self._rows = [self._rows[i] for i in keep]
+        self._mask = self._mask[index]
+        self._next_pos = self._next_pos[index]
+        # leading columns that are padding for every remaining row can go
+        first = int(self._mask.any(dim=0).nonzero()[0])
+        self._mask = self._mask[:, first:]
+        for layer in self._cache.layers:
+            layer.keys = layer.keys[index, :, first:]
+            layer.values = layer.values[index, :, first:]
+        self._plan_key = None
+
+    # ------------------------------------------------------------------ sampling and results
+    def _sample(self, rows: list[_Row], logits: torch.Tensor) -> None:
+        greedy = logits.argmax(dim=-1).tolist()
+        for i, row in enumerate(rows):
+            if row.req.cancelled:
+                continue
+            params = row.req.sampling
+            if params.greedy and params.repetition_penalty == 1.0:
+                token = greedy[i]
+            else:
+                seen = torch.tensor(row.req.prompt_ids + row.out_ids, device=logits.device)
+                token = sample_token(logits[i], params, row.generator, seen)
+            row.out_ids.append(token)
+            self.stats["tokens"] += 1
+            is_eos = token in row.eos_ids and not (params.ignore_eos and token not in params.stop_token_ids)
+            delta = "" if is_eos else row.stream.push(token)
+            if is_eos or row.stream.stopped:
+                row.finish_reason = "stop"
+            elif len(row.out_ids) >= params.max_tokens or len(row.req.prompt_ids) + len(row.out_ids) >= self.max_model_len:
+                row.finish_reason = "length"
+            if delta:
+                row.req.emit(TokenEvent(token, delta))
+            elif not is_eos:
+                row.req.emit(TokenEvent(token, ""))
+            if row.finish_reason is not None:
+                tail = row.stream.finish()
+                if tail:
+                    row.req.emit(TokenEvent(token, tail))
+                captures = {layer: torch.cat(chunks) if chunks else torch.empty(0, self.hidden_size)
+                            for layer, chunks in row.chunks.items()}
+                row.req.emit(FinishEvent(row.finish_reason, row.stream.text, list(row.out_ids), captures))
+
+    # ------------------------------------------------------------------ steering and capture
+    def _capture_map(self, rows: list[_Row], starts: list[int]) -> dict:
+        cmap: dict = {}
+        for i, row in enumerate(rows):
+            for layer in row.req.capture_layers:
+                cmap.setdefault(layer, []).append((i, starts[i], row.chunks.setdefault(layer, [])))
+        return cmap
+
+    def _build_plans(self, specs: list[SteeringSpec]) -> dict:
+        plans = {}
+        layers = sorted({L for s in specs for L in s.layer_indices()})
+        for L in layers:
+            ops = [s.layers[L].operations if L in s.layers else [] for s in specs]
+            if all(len(o) <= 1 and all(isinstance(x, AddSpec) for x in o) for o in ops):
+                table = torch.zeros(len(specs), 1, self.hidden_size, dtype=torch.float32)
+                for i, o in enumerate(ops):
+                    if o:
+                        table[i, 0] = o[0].scale * o[0].vector
+                plans[L] = ("add", table.to(self.device, self.dtype))
+                continue
+            groups: dict = {}
+            for i, (s, o) in enumerate(zip(specs, ops)):
+                if o:
+                    groups.setdefault(id(s.layers[L]), (o, []))[1].append(i)
+            if len(groups) == 1 and len(next(iter(groups.values()))[1]) == len(specs):
+                plans[L] = ("all", next(iter(groups.values()))[0])
+            else:
+                plans[L] = ("groups", [(torch.tensor(rows, device=self.device), o) for o, rows in groups.values()])
+        return plans
+
+    def _make_hook(self, layer_idx: int):
+        def hook(module, args, output):
+            step = self._pass
+            if step is None or threading.get_ident() != self._thread.ident:
+                return None  # not one of our passes (e.g. a user's own forward): plain transformers
+            hidden = output[0] if isinstance(output, tuple) else output
+            plan = step.plans.get(layer_idx)
+            if plan is not None:
+                hidden = _apply_plan(hidden, plan)
+            for row, start, chunks in step.captures.get(layer_idx, ()):
+                chunks.append(hidden[row, start:].to("cpu", torch.float32, copy=True))
+            if plan is None:
+                return None
+            return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+        return hook
+
+
+def _apply_plan(hidden: torch.Tensor, plan) -> torch.Tensor:
+    kind, data = plan
+    if kind == "add":
+        return hidden + data
+    if kind == "all":
+        return _ops(hidden, data)
+    hidden = hidden.clone()
+    for index, ops in data:
+        hidden[index] = _ops(hidden[index], ops)
+    return hidden
+
+
+def _ops(h: torch.Tensor, ops) -> torch.Tensor:
+    if h.dtype == torch.float32:
+        for op in ops:
+            h = op.apply(h)
+        return h
+    out = h.float()  # low-precision models: do the projections in float32
+    for op in ops:
+        out = op.apply(out)
+    return out.to(h.dtype)
+
+
+def _lpad(t: torch.Tensor, width: int, dim: int = 2) -> torch.Tensor:
+    missing = width - t.shape[dim]
+    if missing <= 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = missing
+    return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+
+def _decoder_layers(hf_model):
+    for path in ("model.layers", "model.decoder.layers", "transformer.h", "gpt_neox.layers"):
+        obj = hf_model
+        try:
+            for part in path.split("."):
+                obj = getattr(obj, part)
+            return list(obj)
+        except AttributeError:
+            continue
+    raise EngineError(f"cannot find the decoder blocks of {type(hf_model).__name__}")
+
+
+def load_hf(path, model_name: str, device=None, dtype=None, max_model_len=None, max_batch_size: int = 64) -> HFSteerModel:
+    """Load an HF folder into an ``HFSteerModel``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if device is None or device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if dtype is None or dtype == "auto":
+        dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    elif isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    t0 = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    hf_model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(device).eval()
+    model = HFSteerModel(hf_model, tokenizer, model_name, max_model_len=max_model_len, max_batch_size=max_batch_size)
+    model.load_seconds = time.perf_counter() - t0
+    return model

@@ -1,0 +1,60 @@
+"""The one exception tree of the workbench.
+
+Every error the workbench raises on purpose is a ``WorkbenchError``::
+
+    WorkbenchError
+    ├── ValidationError            bad input; also a ValueError. Names the value and the allowed range.
+    │   ├── LayerOutOfRangeError   layer index outside [0, layer_count)
+    │   ├── VectorError            wrong size, NaN/inf, zero direction
+    │   ├── EmptyInputError        empty prompt, messages or conversation list
+    │   └── PromptTooLongError     prompt does not fit the model's context
+    ├── ModelNotFoundError         a model name that resolves to nothing; says what was tried
+    ├── SteeringStackEmptyError    pop on an empty steering stack; also an IndexError
+    ├── BackendUnavailableError    a backend that is not installed or not usable here
+    └── EngineError                the engine failed or was closed while serving a request
+
+Lower-level errors (transformers, torch, OS) are translated at the boundary with
+``raise ... from exc`` so the original cause stays visible.
+"""
+
+from __future__ import annotations
+
+
+class WorkbenchError(Exception):
+    """Base class of every error the workbench raises on purpose."""
+
+
+class ValidationError(WorkbenchError, ValueError):
+    """Bad input: the message names the bad value and the allowed range."""
+
+
+class LayerOutOfRangeError(ValidationError):
+    """A layer index outside ``[0, layer_count)``."""
+
+
+class VectorError(ValidationError):
+    """A steering vector of the wrong size, with NaN/inf, or with zero length."""
+
+
+class EmptyInputError(ValidationError):
+    """An empty prompt, message list or conversation list."""
+
+
+class PromptTooLongError(ValidationError):
+    """A prompt that does not fit the model's context window."""
+
+
+class ModelNotFoundError(WorkbenchError, LookupError):
+    """A model name that resolves to no weights; the message lists what was tried."""
+
+
+class SteeringStackEmptyError(WorkbenchError, IndexError):
+    """``pop_steering_spec`` with nothing pushed."""
+
+
+class BackendUnavailableError(WorkbenchError):
+    """A backend that is not installed or cannot run on this machine."""
+
+
+class EngineError(WorkbenchError, RuntimeError):
+    """The engine failed (or was closed) while serving a request."""

@@ -1,0 +1,309 @@
+"""Steering specs (add / projection cap / ablation), their math, and their files.
+
+Layer ``L`` is the residual stream at the output of decoder block ``L``; ops of a layer are
+applied in list order to every token of a request (see DESIGN.md).
+
+>>> import torch, workbench as wb
+>>> spec = wb.SteeringSpec(layers={6: wb.LayerSteeringSpec(operations=[wb.AddSpec(torch.ones(576), scale=2.0)])})
+>>> spec.layer_indices()
+[6]
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Union
+
+import torch
+
+from .errors import LayerOutOfRangeError, ValidationError, VectorError
+
+
+def _as_vector(vector, what: str) -> torch.Tensor:
+    """Turn user input into a finite 1-D float32 CPU tensor, or raise a VectorError naming it."""
+    try:
+        t = torch.as_tensor(vector, dtype=torch.float32).detach().to("cpu")
+    except Exception as exc:  # lists of strings, ragged lists, ...
+        raise VectorError(f"{what}: cannot convert {type(vector).__name__} to a float vector ({exc})") from exc
+    if t.dim() != 1:
+        raise VectorError(f"{what}: expected a 1-D vector, got shape {tuple(t.shape)}")
+    if t.numel() == 0:
+        raise VectorError(f"{what}: the vector is empty")
+    bad = ~torch.isfinite(t)
+    if bool(bad.any()):
+        idx = int(bad.nonzero()[0])
+        raise VectorError(f"{what}: vector has a non-finite value {float(t[idx])} at index {idx}; all entries must be finite")
+    return t.contiguous()
+
+
+def _finite_number(value, what: str, allow_none: bool = False):
+    if value is None and allow_none:
+        return None
+    try:
+        f = float(value)
+    except (TypeError, ValueError) as exc:
+        raise ValidationError(f"{what} must be a number, got {value!r}") from exc
+    if not math.isfinite(f):
+        raise ValidationError(f"{what} must be finite, got {value!r}")
+    return f
+
+
+@dataclass
+class AddSpec:
+    """``h <- h + scale * vector`` (vector used as given)."""
+
+    vector: torch.Tensor
+    scale: float = 1.0
+
+    def __post_init__(self):
+        self.vector = _as_vector(self.vector, "AddSpec.vector")
+        self.scale = _finite_number(self.scale, "AddSpec.scale")
+
+    def apply(self, h: torch.Tensor) -> torch.Tensor:
+        return h + self.scale * self.vector.to(h.device, h.dtype)
+
+
+@dataclass
+class ProjectionCapSpec:
+    """Clamp the component along ``vector``: ``h <- h + (clamp(h.u, min, max) - h.u) * u``."""
+
+    vector: torch.Tensor
+    min: float | None = None
+    max: float | None = None
+
+    def __post_init__(self):
+        self.vector = _as_vector(self.vector, "ProjectionCapSpec.vector")
+        if float(self.vector.norm()) == 0.0:
+            raise VectorError("ProjectionCapSpec.vector has zero length; a direction needs a non-zero vector")
+        self.min = _finite_number(self.min, "ProjectionCapSpec.min", allow_none=True)
+        self.max = _finite_number(self.max, "ProjectionCapSpec.max", allow_none=True)
+        if self.min is None and self.max is None:
+            raise ValidationError("ProjectionCapSpec needs min or max (or both); got neither")
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValidationError(f"ProjectionCapSpec.min ({self.min}) must be <= max ({self.max})")
+
+    def apply(self, h: torch.Tensor) -> torch.Tensor:
+        u = _unit(self.vector, h)
+        p = h @ u
+        return h + (p.clamp(min=self.min, max=self.max) - p).unsqueeze(-1) * u
+
+
+@dataclass
+class AblationSpec:
+    """Scale the component along ``vector``: ``h <- h + (scale - 1) * (h.u) * u``."""
+
+    vector: torch.Tensor
+    scale: float = 1.0
+
+    def __post_init__(self):
+        self.vector = _as_vector(self.vector, "AblationSpec.vector")
+        if float(self.vector.norm()) == 0.0:
+            raise VectorError("AblationSpec.vector has zero length; a direction needs a non-zero vector")
+        self.scale = _finite_number(self.scale, "AblationSpec.scale")
+
+    def apply(self, h: torch.Tensor) -> torch.Tensor:
+        u = _unit(self.vector, h)
+        return h + ((self.scale - 1.0) * (h @ u)).unsqueeze(-1) * u
+
+
+SteeringOp = Union[AddSpec, ProjectionCapSpec, AblationSpec]
+_OP_KINDS = {"add": AddSpec, "projection_cap": ProjectionCapSpec, "ablation": AblationSpec}
+_KIND_OF = {v: k for k, v in _OP_KINDS.items()}
+
+
+def _unit(vector: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    v = vector.to(like.device, torch.float32)
+    return (v / v.norm()).to(like.dtype)
+
+
+@dataclass
+class LayerSteeringSpec:
+    """The ops of one layer, applied in list order.
+
+    The chatspace form ``LayerSteeringSpec(add=..., projection_cap=..., ablation=...)`` is accepted
+    too and becomes ``operations=[add, projection_cap, ablation]``.
+    """
+
+    operations: list = field(default_factory=list)
+    add: AddSpec | None = None
+    projection_cap: ProjectionCapSpec | None = None
+    ablation: AblationSpec | None = None
+
+    def __post_init__(self):
+        ops = list(self.operations or [])
+        for extra in (self.add, self.projection_cap, self.ablation):
+            if extra is not None:
+                ops.append(extra)
+        for i, op in enumerate(ops):
+            if not isinstance(op, (AddSpec, ProjectionCapSpec, AblationSpec)):
+                raise ValidationError(
+                    f"operations[{i}] is a {type(op).__name__}; expected AddSpec, ProjectionCapSpec or AblationSpec"
+                )
+        self.operations = ops
+        self.add = self.projection_cap = self.ablation = None
+
+    def apply(self, h: torch.Tensor) -> torch.Tensor:
+        for op in self.operations:
+            h = op.apply(h)
+        return h
+
+    def is_empty(self) -> bool:
+        return not self.operations
+
+
+@dataclass
+class SteeringSpec:
+    """Steering for a whole model: ``{layer: LayerSteeringSpec}``; an empty spec means no steering."""
+
+    layers: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        layers = {}
+        for key, value in dict(self.layers or {}).items():
+            if isinstance(key, bool) or not isinstance(key, (int,)) and not (isinstance(key, str) and key.lstrip("-").isdigit()):
+                raise ValidationError(f"steering layer keys must be integers, got {key!r}")
+            if isinstance(value, (list, tuple)):
+                value = LayerSteeringSpec(operations=list(value))
+            if not isinstance(value, LayerSteeringSpec):
+                raise ValidationError(f"steering layer {key}: expected a LayerSteeringSpec, got {type(value).__name__}")
+            layers[int(key)] = value
+        self.layers = layers
+
+    # -- queries --------------------------------------------------------------------------------
+    def is_empty(self) -> bool:
+        return all(ls.is_empty() for ls in self.layers.values())
+
+    def layer_indices(self) -> list[int]:
+        return sorted(k for k, v in self.layers.items() if not v.is_empty())
+
+    def copy(self) -> "SteeringSpec":
+        """A copy whose layer and op lists can be changed without touching this one (vectors shared)."""
+        return SteeringSpec(layers={k: LayerSteeringSpec(operations=list(v.operations)) for k, v in self.layers.items()})
+
+    def validate(self, hidden_size: int, layer_count: int) -> "SteeringSpec":
+        """Check layers and vector sizes against a model; return self."""
+        for layer, ls in self.layers.items():
+            if not 0 <= layer < layer_count:
+                raise LayerOutOfRangeError(f"steering layer {layer} is out of range; allowed 0..{layer_count - 1}")
+            for i, op in enumerate(ls.operations):
+                if op.vector.numel() != hidden_size:
+                    raise VectorError(
+                        f"layer {layer} operations[{i}] ({type(op).__name__}): vector has size "
+                        f"{op.vector.numel()}, the model's hidden size is {hidden_size}"
+                    )
+        return self
+
+    def fingerprint(self) -> str:
+        """A stable hash of the spec's content (equal specs -> equal fingerprints)."""
+        h = hashlib.sha256()
+        for layer in self.layer_indices():
+            h.update(f"L{layer};".encode())
+            for op in self.layers[layer].operations:
+                meta = {k: v for k, v in _op_meta(op).items()}
+                h.update(json.dumps(meta, sort_keys=True).encode())
+                h.update(op.vector.numpy().tobytes())
+        return h.hexdigest()[:32]
+
+    # -- (de)serialisation -----------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        """A JSON-able dict (vectors as lists)."""
+        return {
+            "layers": {
+                str(layer): [dict(_op_meta(op), vector=op.vector.tolist()) for op in self.layers[layer].operations]
+                for layer in sorted(self.layers)
+            }
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "SteeringSpec":
+        if not isinstance(data, dict) or not isinstance(data.get("layers", {}), dict):
+            raise ValidationError("a steering spec dict needs a 'layers' mapping of layer -> list of ops")
+        layers = {}
+        for layer, ops in data.get("layers", {}).items():
+            layers[int(layer)] = LayerSteeringSpec(operations=[_op_from_meta(op, op.get("vector")) for op in ops])
+        return cls(layers=layers)
+
+    def save(self, path) -> Path:
+        """Write the spec to one ``.safetensors`` file (vectors as tensors, ops as JSON metadata).
+
+        >>> spec.save("pirate.safetensors")  # doctest: +SKIP
+        """
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        tensors, ops_meta = {}, {}
+        for layer in sorted(self.layers):
+            metas = []
+            for i, op in enumerate(self.layers[layer].operations):
+                tensors[f"layer{layer}.op{i}"] = op.vector.contiguous()
+                metas.append(_op_meta(op))
+            ops_meta[str(layer)] = metas
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(path), metadata={"workbench_steering_spec": json.dumps({"version": 1, "layers": ops_meta})})
+        return path
+
+    @classmethod
+    def load(cls, path) -> "SteeringSpec":
+        """Read a spec written by :meth:`save`."""
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise ValidationError(f"steering spec file {str(path)!r} does not exist")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = json.loads((f.metadata() or {})["workbench_steering_spec"])
+                layers = {}
+                for layer, metas in meta["layers"].items():
+                    layers[int(layer)] = LayerSteeringSpec(
+                        operations=[_op_from_meta(m, f.get_tensor(f"layer{layer}.op{i}")) for i, m in enumerate(metas)]
+                    )
+        except (KeyError, json.JSONDecodeError, OSError) as exc:
+            raise ValidationError(f"{str(path)!r} is not a workbench steering spec file ({exc})") from exc
+        return cls(layers=layers)
+
+
+def _op_meta(op) -> dict:
+    kind = _KIND_OF[type(op)]
+    if kind == "projection_cap":
+        return {"type": kind, "min": op.min, "max": op.max}
+    return {"type": kind, "scale": op.scale}
+
+
+def _op_from_meta(meta: dict, vector) -> SteeringOp:
+    kind = meta.get("type")
+    if kind not in _OP_KINDS:
+        raise ValidationError(f"unknown steering op type {kind!r}; allowed: {sorted(_OP_KINDS)}")
+    if kind == "projection_cap":
+        return ProjectionCapSpec(vector=vector, min=meta.get("min"), max=meta.get("max"))
+    return _OP_KINDS[kind](vector=vector, scale=meta.get("scale", 1.0))
+
+
+def apply_ops(h: torch.Tensor, ops: Iterable[SteeringOp]) -> torch.Tensor:
+    """Apply ops in order to ``h`` ([..., hidden]); the reference math of DESIGN.md."""
+    for op in ops:
+        h = op.apply(h)
+    return h
+
+
+# The canonical order the global setters keep: add first, then cap, then ablation (as chatspace).
+_CANONICAL = (AddSpec, ProjectionCapSpec, AblationSpec)
+
+
+def replace_op(spec: SteeringSpec, layer: int, op: SteeringOp | None, kind: type) -> SteeringSpec:
+    """A copy of ``spec`` with the ops of ``kind`` at ``layer`` replaced by ``op`` (or removed)."""
+    new = spec.copy()
+    ops = [o for o in new.layers.get(layer, LayerSteeringSpec()).operations if not isinstance(o, kind)]
+    if op is not None:
+        rank = _CANONICAL.index(kind)
+        pos = next((i for i, o in enumerate(ops) if _CANONICAL.index(type(o)) > rank), len(ops))
+        ops.insert(pos, op)
+    if ops:
+        new.layers[layer] = LayerSteeringSpec(operations=ops)
+    else:
+        new.layers.pop(layer, None)
+    return new
