@@ -244,14 +244,10 @@ class HFSteerModel(SteerModel):
                 row.finish_reason = "stop"
             elif len(row.out_ids) >= params.max_tokens or len(row.req.prompt_ids) + len(row.out_ids) >= self.max_model_len:
                 row.finish_reason = "length"
-            if delta:
-                row.req.emit(TokenEvent(token, delta))
-            elif not is_eos:
-                row.req.emit(TokenEvent(token, ""))
             if row.finish_reason is not None:
-                tail = row.stream.finish()
-                if tail:
-                    row.req.emit(TokenEvent(token, tail))
+                delta += row.stream.finish()
+            row.req.emit(TokenEvent(token, delta))  # one event per token, eos included (text "")
+            if row.finish_reason is not None:
                 captures = {layer: torch.cat(chunks) if chunks else torch.empty(0, self.hidden_size)
                             for layer, chunks in row.chunks.items()}
                 row.req.emit(FinishEvent(row.finish_reason, row.stream.text, list(row.out_ids), captures))
