@@ -80,3 +80,19 @@ def test_unknown_model_and_backend():
         wb.resolve_model("no-such-model")
     with pytest.raises(wb.ValidationError, match=r"backend 'tpu' is unknown; allowed"):
         wb.load("default", backend="tpu")
+
+
+def test_hub_id_resolves_from_the_hugging_face_cache(tiny_dir, tmp_path, monkeypatch):
+    import shutil
+
+    from huggingface_hub import constants
+
+    snap = tmp_path / "hub" / "models--someone--tiny-llama" / "snapshots" / ("0" * 40)
+    shutil.copytree(tiny_dir, snap)
+    (tmp_path / "hub" / "models--someone--tiny-llama" / "refs").mkdir()
+    (tmp_path / "hub" / "models--someone--tiny-llama" / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert wb.resolve_model("someone/tiny-llama") == snap
+    with pytest.raises(wb.ModelNotFoundError, match=r"cannot find model 'someone/missing'. Tried: .*Hugging Face cache"):
+        wb.resolve_model("someone/missing")

