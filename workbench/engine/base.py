@@ -38,6 +38,7 @@ class Request:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: bool = False
+    fingerprint: str = ""  # of the steering spec: keys prefix-cache entries
 
     def emit(self, event) -> None:
         """Thread-safe: hand an event to the caller's event loop."""
@@ -176,7 +177,7 @@ class SteerModel:
             raise EngineError(f"{self!r} is closed; load the model again")
         return Request(
             request_id=f"req-{next(self._ids)}-{uuid.uuid4().hex[:8]}", prompt_ids=ids, sampling=sampling,
-            steering=spec, capture_layers=capture, loop=asyncio.get_running_loop(),
+            steering=spec, capture_layers=capture, loop=asyncio.get_running_loop(), fingerprint=spec.fingerprint(),
         )
 
     # ------------------------------------------------------------------ running requests
@@ -190,10 +191,11 @@ class SteerModel:
                 if isinstance(event, ErrorEvent):
                     finished = True
                     raise event.error
-                yield event
                 if isinstance(event, FinishEvent):
-                    finished = True
+                    finished = True  # before yielding: the consumer may stop right after it
+                    yield event
                     return
+                yield event
         finally:
             if not finished:
                 self._cancel(request)

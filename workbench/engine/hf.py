@@ -24,6 +24,7 @@ from ..sampling import make_generator, sample_token
 from ..steering import AddSpec, SteeringSpec
 from .base import ErrorEvent, FinishEvent, Request, SteerModel, TokenEvent
 from .detok import TextStream
+from .prefix_cache import PrefixCache
 
 
 @dataclass
@@ -50,7 +51,8 @@ class HFSteerModel(SteerModel):
 
     backend = "hf"
 
-    def __init__(self, hf_model, tokenizer, model_name: str, max_model_len: int | None = None, max_batch_size: int = 64):
+    def __init__(self, hf_model, tokenizer, model_name: str, max_model_len: int | None = None, max_batch_size: int = 64,
+                 prefix_cache_mb: float = 256):
         config = hf_model.config
         layers = _decoder_layers(hf_model)
         ctx = int(max_model_len or getattr(config, "max_position_embeddings", 2048))
@@ -73,7 +75,10 @@ class HFSteerModel(SteerModel):
         self._next_pos = None
         self._plan_key = None
         self._plans = {}
-        self.stats = {"prefill_passes": 0, "decode_passes": 0, "tokens": 0, "max_batch": 0, "requests": 0}
+        self.stats = {"prefill_passes": 0, "decode_passes": 0, "tokens": 0, "max_batch": 0, "requests": 0,
+                      "prefix_hit_tokens": 0}
+        self.prefix_cache = PrefixCache(int(prefix_cache_mb * 2**20)) if prefix_cache_mb > 0 else None
+        self._kv_shape = None
         self._thread = threading.Thread(target=self._loop, name=f"workbench-hf-{model_name}", daemon=True)
         self._thread.start()
 
@@ -107,6 +112,8 @@ class HFSteerModel(SteerModel):
         for h in self._hooks:
             h.remove()
         self._cache = None
+        if self.prefix_cache is not None:
+            self.prefix_cache.clear()
         self.hf_model = None
 
     # ------------------------------------------------------------------ scheduler thread
@@ -148,28 +155,59 @@ class HFSteerModel(SteerModel):
         self._rows, self._cache, self._mask, self._next_pos, self._plan_key = [], None, None, None, None
 
     def _prefill(self, reqs: list[Request]) -> None:
-        rows = [_Row(r, make_generator(r.sampling, self.device), TextStream(self.tokenizer, r.sampling.stop),
-                     self._eos | frozenset(r.sampling.stop_token_ids)) for r in reqs]
-        lens = [len(r.prompt_ids) for r in reqs]
-        width = max(lens)
-        ids = torch.full((len(reqs), width), self._pad_id, dtype=torch.long)
-        mask = torch.zeros((len(reqs), width), dtype=torch.long)
-        for i, r in enumerate(reqs):
-            ids[i, width - lens[i]:] = torch.tensor(r.prompt_ids)
-            mask[i, width - lens[i]:] = 1
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        """Run the new requests' prompts in one pass: ``[pad, cached prefix, pad, new tokens]`` per row."""
         from transformers import DynamicCache
 
-        cache = DynamicCache()
+        rows = [_Row(r, make_generator(r.sampling, self.device), TextStream(self.tokenizer, r.sampling.stop),
+                     self._eos | frozenset(r.sampling.stop_token_ids)) for r in reqs]
+        hits = []
+        for r in reqs:
+            # captured requests run in full: their handles must hold every prompt position
+            hit = (0, None) if r.capture_layers or self.prefix_cache is None else \
+                self.prefix_cache.lookup(r.fingerprint, r.prompt_ids)
+            hits.append(hit)
+        past = [n for n, _ in hits]
+        new = [len(r.prompt_ids) - n for r, n in zip(reqs, past)]
+        wp, ws = max(past), max(new)
+        ids = torch.full((len(reqs), ws), self._pad_id, dtype=torch.long)
+        mask = torch.zeros((len(reqs), wp + ws), dtype=torch.long)
+        pos = torch.zeros((len(reqs), ws), dtype=torch.long)
+        for i, r in enumerate(reqs):
+            ids[i, ws - new[i]:] = torch.tensor(r.prompt_ids[past[i]:])
+            mask[i, wp - past[i]:wp] = 1
+            mask[i, wp + ws - new[i]:] = 1
+            pos[i, ws - new[i]:] = torch.arange(past[i], past[i] + new[i])
+        if wp:
+            data = []
+            for layer in range(self.layer_count):
+                ks, vs = [], []
+                for n, kv in hits:
+                    k, v = kv[layer] if kv is not None else self._empty_kv(layer)
+                    ks.append(_lpad(k, wp))
+                    vs.append(_lpad(v, wp))
+                data.append((torch.cat(ks), torch.cat(vs)))
+            cache = DynamicCache(ddp_cache_data=data)
+        else:
+            cache = DynamicCache()
         self._pass = _Pass(self._build_plans([r.steering for r in reqs]),
-                           self._capture_map(rows, [width - n for n in lens]))
+                           self._capture_map(rows, [ws - n for n in new]))
         out = self.hf_model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
                             position_ids=pos.to(self.device), past_key_values=cache, use_cache=True, logits_to_keep=1)
         self._pass = None
         self.stats["prefill_passes"] += 1
         self.stats["requests"] += len(reqs)
-        self._merge(rows, cache, mask.to(self.device), torch.tensor(lens, device=self.device))
+        self.stats["prefix_hit_tokens"] += sum(past)
+        lens = torch.tensor([len(r.prompt_ids) for r in reqs], device=self.device)
+        self._merge(rows, cache, mask.to(self.device), lens)
         self._sample(rows, out.logits[:, -1, :])
+
+    def _empty_kv(self, layer: int):
+        """A zero-length KV entry shaped like the batch's, for rows without a cached prefix."""
+        if self._kv_shape is None:
+            raise EngineError("prefix cache hit before any KV shape is known")  # pragma: no cover
+        heads, dim = self._kv_shape
+        empty = torch.zeros((1, heads, 0, dim), dtype=self.dtype, device=self.device)
+        return empty, empty
 
     def _decode(self) -> None:
         rows = self._rows
@@ -204,11 +242,18 @@ class HFSteerModel(SteerModel):
             self._rows = self._rows + list(rows)
         self._plan_key = None
         self.stats["max_batch"] = max(self.stats["max_batch"], len(self._rows))
+        if self._cache.layers and self._kv_shape is None:
+            k = self._cache.layers[0].keys
+            self._kv_shape = (k.shape[1], k.shape[3])
 
     def _drop_finished(self) -> None:
         keep = [i for i, r in enumerate(self._rows) if r.finish_reason is None and not r.req.cancelled]
         if len(keep) == len(self._rows):
             return
+        if self.prefix_cache is not None and self._cache is not None:
+            for i, row in enumerate(self._rows):
+                if row.finish_reason is not None and not row.req.cancelled:
+                    self._remember(i, row)
         if not keep:
             self._reset_batch()
             return
@@ -223,6 +268,14 @@ class HFSteerModel(SteerModel):
             layer.keys = layer.keys[index, :, first:]
             layer.values = layer.values[index, :, first:]
         self._plan_key = None
+
+    def _remember(self, i: int, row: _Row) -> None:
+        """Keep the KV of what this finished row fed through the model, for later prefixes."""
+        real = self._mask[i].bool()
+        kv = [(layer.keys[i:i + 1, :, real], layer.values[i:i + 1, :, real]) for layer in self._cache.layers]  # copies
+        tokens = row.req.prompt_ids + row.out_ids[:-1]
+        if kv and kv[0][0].shape[2] == len(tokens):
+            self.prefix_cache.store(row.req.fingerprint, tokens, kv)
 
     # ------------------------------------------------------------------ sampling and results
     def _sample(self, rows: list[_Row], logits: torch.Tensor) -> None:
@@ -343,7 +396,8 @@ def _decoder_layers(hf_model):
     raise EngineError(f"cannot find the decoder blocks of {type(hf_model).__name__}")
 
 
-def load_hf(path, model_name: str, device=None, dtype=None, max_model_len=None, max_batch_size: int = 64) -> HFSteerModel:
+def load_hf(path, model_name: str, device=None, dtype=None, max_model_len=None, max_batch_size: int = 64,
+            prefix_cache_mb: float = 256) -> HFSteerModel:
     """Load an HF folder into an ``HFSteerModel``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -357,6 +411,7 @@ def load_hf(path, model_name: str, device=None, dtype=None, max_model_len=None, 
     t0 = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     hf_model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(device).eval()
-    model = HFSteerModel(hf_model, tokenizer, model_name, max_model_len=max_model_len, max_batch_size=max_batch_size)
+    model = HFSteerModel(hf_model, tokenizer, model_name, max_model_len=max_model_len, max_batch_size=max_batch_size,
+                         prefix_cache_mb=prefix_cache_mb)
     model.load_seconds = time.perf_counter() - t0
     return model

@@ -19,10 +19,12 @@ def _vllm_usable() -> bool:
 
 
 def load(name: str = "default", backend: str = "auto", *, device=None, dtype=None, max_model_len: int | None = None,
-         max_batch_size: int = 64, **backend_kwargs):
+         max_batch_size: int = 64, prefix_cache_mb: float = 256, **backend_kwargs):
     """Load a model for steering: ``"default"`` (SmolLM2-135M-Instruct), a local HF folder, or a hub id.
 
     ``backend="auto"`` picks vLLM when it is installed and a GPU is present, else ``hf``.
+    ``prefix_cache_mb`` bounds the KV kept for reusing prompt prefixes (0 turns it off); entries are
+    keyed by the steering spec, so a prefix computed under one spec never serves another.
 
     >>> import workbench as wb
     >>> model = wb.load("default")  # doctest: +SKIP
@@ -41,4 +43,4 @@ def load(name: str = "default", backend: str = "auto", *, device=None, dtype=Non
     from .hf import load_hf
 
     return load_hf(path, canonical_name(name), device=device, dtype=dtype, max_model_len=max_model_len,
-                   max_batch_size=max_batch_size)
+                   max_batch_size=max_batch_size, prefix_cache_mb=prefix_cache_mb)
