@@ -9,18 +9,19 @@ from .chat import ChatResponse, MessageBoundary, StreamChunk
 from .engine import SteerModel, load
 from .errors import (
     BackendUnavailableError, EmptyInputError, EngineError, LayerOutOfRangeError, ModelNotFoundError,
-    PromptTooLongError, SteeringStackEmptyError, ValidationError, VectorError, WorkbenchError,
+    PromptTooLongError, SteeringStackEmptyError, UnknownFeatureError, ValidationError, VectorError, WorkbenchError,
 )
+from .features import SAE, Feature, FeatureSet, InterventionSpec, Variant
 from .models import resolve_model
 from .sampling import SamplingParams
-from .steering import AblationSpec, AddSpec, LayerSteeringSpec, ProjectionCapSpec, SteeringSpec
+from .steering import AblationSpec, AddSpec, LayerSteeringSpec, ProjectionCapSpec, SAEClampSpec, SteeringSpec
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "AblationSpec", "AddSpec", "BackendUnavailableError", "CaptureHandle", "ChatResponse", "EmptyInputError",
+    "AblationSpec", "AddSpec", "Feature", "FeatureSet", "InterventionSpec", "SAE", "UnknownFeatureError", "Variant", "BackendUnavailableError", "CaptureHandle", "ChatResponse", "EmptyInputError",
     "EngineError", "LayerOutOfRangeError", "LayerSteeringSpec", "MessageBoundary", "ModelNotFoundError",
-    "ProjectionCapSpec", "PromptTooLongError", "SamplingParams", "SteerModel", "SteeringSpec",
+    "ProjectionCapSpec", "PromptTooLongError", "SAEClampSpec", "SamplingParams", "SteerModel", "SteeringSpec",
     "SteeringStackEmptyError", "StreamChunk", "ValidationError", "VectorError", "WorkbenchError", "load",
     "resolve_model",
 ]

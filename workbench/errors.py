@@ -7,7 +7,8 @@ Every error the workbench raises on purpose is a ``WorkbenchError``::
     │   ├── LayerOutOfRangeError   layer index outside [0, layer_count)
     │   ├── VectorError            wrong size, NaN/inf, zero direction
     │   ├── EmptyInputError        empty prompt, messages or conversation list
-    │   └── PromptTooLongError     prompt does not fit the model's context
+    │   ├── PromptTooLongError     prompt does not fit the model's context
+    │   └── UnknownFeatureError    a feature id / index not in the feature set; also a KeyError
     ├── ModelNotFoundError         a model name that resolves to nothing; says what was tried
     ├── SteeringStackEmptyError    pop on an empty steering stack; also an IndexError
     ├── BackendUnavailableError    a backend that is not installed or not usable here
@@ -42,6 +43,13 @@ class EmptyInputError(ValidationError):
 
 class PromptTooLongError(ValidationError):
     """A prompt that does not fit the model's context window."""
+
+
+class UnknownFeatureError(ValidationError, KeyError):
+    """A feature id or index that is not in the feature set."""
+
+    def __str__(self):  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
 
 
 class ModelNotFoundError(WorkbenchError, LookupError):

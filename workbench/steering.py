@@ -110,8 +110,70 @@ class AblationSpec:
         return h + ((self.scale - 1.0) * (h @ u)).unsqueeze(-1) * u
 
 
-SteeringOp = Union[AddSpec, ProjectionCapSpec, AblationSpec]
-_OP_KINDS = {"add": AddSpec, "projection_cap": ProjectionCapSpec, "ablation": AblationSpec}
+def _as_matrix(value, what: str, shape_hint: str) -> torch.Tensor:
+    try:
+        t = torch.as_tensor(value, dtype=torch.float32).detach().to("cpu")
+    except Exception as exc:
+        raise VectorError(f"{what}: cannot convert to a float tensor ({exc})") from exc
+    if not bool(torch.isfinite(t).all()):
+        raise VectorError(f"{what} has non-finite values")
+    return t.contiguous()
+
+
+@dataclass
+class SAEClampSpec:
+    """Set SAE features to ``values``: encode, set, decode, keep the reconstruction error.
+
+    ``h <- h + sum_f (value_f - a_f(h)) * decoder[f]`` with
+    ``a_f(h) = act((h - decoder_bias) . encoder[:, f] + encoder_bias[f])`` (``act``: ReLU, or JumpReLU
+    with ``threshold``; TopK SAEs are treated as ReLU for the clamped features).
+    """
+
+    encoder: torch.Tensor        # [hidden, k]
+    encoder_bias: torch.Tensor   # [k]
+    decoder: torch.Tensor        # [k, hidden]
+    decoder_bias: torch.Tensor   # [hidden]
+    values: torch.Tensor         # [k]
+    threshold: torch.Tensor | None = None  # [k], JumpReLU
+    apply_b_dec_to_input: bool = True
+
+    def __post_init__(self):
+        self.encoder = _as_matrix(self.encoder, "SAEClampSpec.encoder", "[hidden, k]")
+        k = self.encoder.shape[1] if self.encoder.dim() == 2 else -1
+        self.encoder_bias = _as_matrix(self.encoder_bias, "SAEClampSpec.encoder_bias", "[k]").reshape(-1)
+        self.decoder = _as_matrix(self.decoder, "SAEClampSpec.decoder", "[k, hidden]")
+        self.decoder_bias = _as_matrix(self.decoder_bias, "SAEClampSpec.decoder_bias", "[hidden]").reshape(-1)
+        self.values = _as_matrix(self.values, "SAEClampSpec.values", "[k]").reshape(-1)
+        if self.threshold is not None:
+            self.threshold = _as_matrix(self.threshold, "SAEClampSpec.threshold", "[k]").reshape(-1)
+        hidden = self.decoder_bias.numel()
+        ok = (self.encoder.dim() == 2 and self.encoder.shape[0] == hidden and self.encoder_bias.numel() == k
+              and tuple(self.decoder.shape) == (k, hidden) and self.values.numel() == k
+              and (self.threshold is None or self.threshold.numel() == k))
+        if not ok:
+            raise VectorError(
+                f"SAEClampSpec shapes do not fit: encoder {tuple(self.encoder.shape)}, decoder {tuple(self.decoder.shape)}, "
+                f"decoder_bias {hidden}, values {self.values.numel()}; expected [hidden, k], [k, hidden], [hidden], [k]"
+            )
+
+    @property
+    def vector(self) -> torch.Tensor:
+        return self.decoder_bias  # for size checks: the op lives in a [hidden] space
+
+    def activations(self, h: torch.Tensor) -> torch.Tensor:
+        x = h - self.decoder_bias.to(h) if self.apply_b_dec_to_input else h
+        pre = x @ self.encoder.to(h) + self.encoder_bias.to(h)
+        if self.threshold is not None:
+            return pre * (pre > self.threshold.to(h))
+        return torch.relu(pre)
+
+    def apply(self, h: torch.Tensor) -> torch.Tensor:
+        delta = self.values.to(h) - self.activations(h)
+        return h + delta @ self.decoder.to(h)
+
+
+SteeringOp = Union[AddSpec, ProjectionCapSpec, AblationSpec, SAEClampSpec]
+_OP_KINDS = {"add": AddSpec, "projection_cap": ProjectionCapSpec, "ablation": AblationSpec, "sae_clamp": SAEClampSpec}
 _KIND_OF = {v: k for k, v in _OP_KINDS.items()}
 
 
@@ -139,9 +201,9 @@ class LayerSteeringSpec:
             if extra is not None:
                 ops.append(extra)
         for i, op in enumerate(ops):
-            if not isinstance(op, (AddSpec, ProjectionCapSpec, AblationSpec)):
+            if not isinstance(op, tuple(_OP_KINDS.values())):
                 raise ValidationError(
-                    f"operations[{i}] is a {type(op).__name__}; expected AddSpec, ProjectionCapSpec or AblationSpec"
+                    f"operations[{i}] is a {type(op).__name__}; expected AddSpec, ProjectionCapSpec, AblationSpec or SAEClampSpec"
                 )
         self.operations = ops
         self.add = self.projection_cap = self.ablation = None
@@ -203,9 +265,10 @@ class SteeringSpec:
         for layer in self.layer_indices():
             h.update(f"L{layer};".encode())
             for op in self.layers[layer].operations:
-                meta = {k: v for k, v in _op_meta(op).items()}
-                h.update(json.dumps(meta, sort_keys=True).encode())
-                h.update(op.vector.numpy().tobytes())
+                h.update(json.dumps(_op_meta(op), sort_keys=True).encode())
+                for name, tensor in sorted(_op_tensors(op).items()):
+                    h.update(name.encode())
+                    h.update(tensor.numpy().tobytes())
         return h.hexdigest()[:32]
 
     # -- (de)serialisation -----------------------------------------------------------------------
@@ -213,7 +276,8 @@ class SteeringSpec:
         """A JSON-able dict (vectors as lists)."""
         return {
             "layers": {
-                str(layer): [dict(_op_meta(op), vector=op.vector.tolist()) for op in self.layers[layer].operations]
+                str(layer): [dict(_op_meta(op), **{k: t.tolist() for k, t in _op_tensors(op).items()})
+                             for op in self.layers[layer].operations]
                 for layer in sorted(self.layers)
             }
         }
@@ -224,7 +288,7 @@ class SteeringSpec:
             raise ValidationError("a steering spec dict needs a 'layers' mapping of layer -> list of ops")
         layers = {}
         for layer, ops in data.get("layers", {}).items():
-            layers[int(layer)] = LayerSteeringSpec(operations=[_op_from_meta(op, op.get("vector")) for op in ops])
+            layers[int(layer)] = LayerSteeringSpec(operations=[_op_from_meta(op, op) for op in ops])
         return cls(layers=layers)
 
     def save(self, path) -> Path:
@@ -239,7 +303,8 @@ class SteeringSpec:
         for layer in sorted(self.layers):
             metas = []
             for i, op in enumerate(self.layers[layer].operations):
-                tensors[f"layer{layer}.op{i}"] = op.vector.contiguous()
+                for name, tensor in _op_tensors(op).items():
+                    tensors[f"layer{layer}.op{i}.{name}"] = tensor.contiguous()
                 metas.append(_op_meta(op))
             ops_meta[str(layer)] = metas
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -260,7 +325,7 @@ class SteeringSpec:
                 layers = {}
                 for layer, metas in meta["layers"].items():
                     layers[int(layer)] = LayerSteeringSpec(
-                        operations=[_op_from_meta(m, f.get_tensor(f"layer{layer}.op{i}")) for i, m in enumerate(metas)]
+                        operations=[_op_from_meta(m, _TensorGetter(f, f"layer{layer}.op{i}.")) for i, m in enumerate(metas)]
                     )
         except (KeyError, json.JSONDecodeError, OSError) as exc:
             raise ValidationError(f"{str(path)!r} is not a workbench steering spec file ({exc})") from exc
@@ -271,13 +336,41 @@ def _op_meta(op) -> dict:
     kind = _KIND_OF[type(op)]
     if kind == "projection_cap":
         return {"type": kind, "min": op.min, "max": op.max}
+    if kind == "sae_clamp":
+        return {"type": kind, "apply_b_dec_to_input": op.apply_b_dec_to_input}
     return {"type": kind, "scale": op.scale}
 
 
-def _op_from_meta(meta: dict, vector) -> SteeringOp:
+_SAE_TENSORS = ("encoder", "encoder_bias", "decoder", "decoder_bias", "values", "threshold")
+
+
+def _op_tensors(op) -> dict:
+    if isinstance(op, SAEClampSpec):
+        return {name: getattr(op, name) for name in _SAE_TENSORS if getattr(op, name) is not None}
+    return {"vector": op.vector}
+
+
+class _TensorGetter:
+    """``getter.get(name)`` for one op's tensors in a safetensors file."""
+
+    def __init__(self, handle, prefix: str):
+        self._handle, self._prefix = handle, prefix
+        self._keys = set(handle.keys())
+
+    def get(self, name, default=None):
+        key = self._prefix + name
+        return self._handle.get_tensor(key) if key in self._keys else default
+
+
+def _op_from_meta(meta: dict, tensors) -> SteeringOp:
+    """Rebuild an op from its metadata and ``tensors.get(name)`` (a dict or a file getter)."""
     kind = meta.get("type")
     if kind not in _OP_KINDS:
         raise ValidationError(f"unknown steering op type {kind!r}; allowed: {sorted(_OP_KINDS)}")
+    if kind == "sae_clamp":
+        parts = {name: tensors.get(name) for name in _SAE_TENSORS}
+        return SAEClampSpec(**parts, apply_b_dec_to_input=bool(meta.get("apply_b_dec_to_input", True)))
+    vector = tensors.get("vector")
     if kind == "projection_cap":
         return ProjectionCapSpec(vector=vector, min=meta.get("min"), max=meta.get("max"))
     return _OP_KINDS[kind](vector=vector, scale=meta.get("scale", 1.0))

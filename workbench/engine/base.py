@@ -39,6 +39,8 @@ class Request:
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: bool = False
     fingerprint: str = ""  # of the steering spec: keys prefix-cache entries
+    encode_only: bool = False  # one forward over the prompt, no sampling (see SteerModel.encode)
+    want_logits: bool = False  # report the next-token logits after the prompt
 
     def emit(self, event) -> None:
         """Thread-safe: hand an event to the caller's event loop."""
@@ -60,6 +62,7 @@ class FinishEvent:
     text: str
     token_ids: list
     captures: dict  # layer -> [tokens, hidden] tensor
+    logits: object = None  # [vocab] next-token logits after the prompt, when asked for
 
 
 @dataclass
@@ -73,6 +76,7 @@ class _Result:
     token_ids: list
     finish_reason: str
     captures: dict
+    logits: object = None
 
 
 class SteerModel:
@@ -203,7 +207,7 @@ class SteerModel:
     async def _run(self, request: Request) -> _Result:
         async for event in self._events(request):
             if isinstance(event, FinishEvent):
-                return _Result(event.text, event.token_ids, event.finish_reason, event.captures)
+                return _Result(event.text, event.token_ids, event.finish_reason, event.captures, event.logits)
         raise EngineError(f"request {request.request_id} ended without a result")  # pragma: no cover
 
     async def _run_many(self, prompt_ids: list, sampling, specs, capture) -> list:
@@ -294,6 +298,77 @@ class SteerModel:
                     yield StreamChunk(text=event.text, token_ids=[event.token_id])
                 elif isinstance(event, FinishEvent):
                     yield StreamChunk(text="", token_ids=[], finish_reason=event.finish_reason)
+
+    async def encode(self, prompts, layers, *, steering=None) -> list[dict]:
+        """Residual stream at ``layers`` for every token of each prompt: one forward pass, no generation.
+
+        Prompts are strings (tokenized with special tokens) or token-id lists. Returns one
+        ``{layer: [tokens, hidden]}`` per prompt, after steering. Backends may stop the forward
+        pass after the deepest requested layer.
+
+        >>> [acts] = await model.encode(["The capital of France is"], layers=[6])  # doctest: +SKIP
+        >>> acts[6].shape  # doctest: +SKIP
+        torch.Size([6, 576])
+        """
+        if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        if not isinstance(prompts, (list, tuple)) or not prompts:
+            raise EmptyInputError(f"prompts must be a non-empty string or list of strings, got {prompts!r}")
+        capture = self._capture_layers(layers)
+        if not capture:
+            raise ValidationError("encode needs at least one layer")
+        specs = self._steering_for(steering, len(prompts))
+        ids = [self._encode_prompt(p, i) for i, p in enumerate(prompts)]
+        async with self._rw.reading():
+            requests = []
+            for pid, spec in zip(ids, specs):
+                req = self._new_request(pid, SamplingParams(temperature=0.0, max_tokens=1),
+                                        self._global if spec is None else spec, capture)
+                req.encode_only = self.supports_encode_only
+                requests.append(req)
+            results = await asyncio.gather(*(self._run(r) for r in requests))
+        return [{layer: r.captures[layer][: len(pid)] for layer in capture} for r, pid in zip(results, ids)]
+
+    supports_encode_only = False  # backends that can run a forward without sampling set this
+
+    async def next_token_logits(self, prompt, *, steering=None) -> torch.Tensor:
+        """``[vocab]`` float32 logits of the token after ``prompt`` (a string or token ids), with steering.
+
+        >>> row = await model.next_token_logits("The capital of France is")  # doctest: +SKIP
+        """
+        [spec] = self._steering_for(steering, 1)
+        ids = self._encode_prompt(prompt, 0)
+        async with self._rw.reading():
+            req = self._new_request(ids, SamplingParams(temperature=0.0, max_tokens=1), self._global if spec is None else spec, ())
+            req.want_logits = True
+            result = await self._run(req)
+        return result.logits
+
+    # ------------------------------------------------------------------ features
+    @property
+    def features(self):
+        """The feature set attached to this model; by default the concept library (trained on first use, cached)."""
+        if getattr(self, "_features", None) is None:
+            from .._sync import run
+            from ..features.concepts import concept_library
+
+            fs = run(concept_library(self))
+            fs.model = self
+            self._features = fs
+        return self._features
+
+    @features.setter
+    def features(self, feature_set) -> None:
+        from ..features import FeatureSet
+
+        if not isinstance(feature_set, FeatureSet):
+            raise ValidationError(f"model.features must be a FeatureSet, got {type(feature_set).__name__}")
+        for f in feature_set:
+            if not 0 <= f.layer < self.layer_count or f.direction.numel() != self.hidden_size:
+                raise ValidationError(f"feature {f.id!r} (layer {f.layer}, size {f.direction.numel()}) does not fit "
+                                      f"this model (layers 0..{self.layer_count - 1}, hidden size {self.hidden_size})")
+        feature_set.model = self
+        self._features = feature_set
 
     async def fetch_captures_batch(self, handles) -> list:
         """Make the captures of many handles available in one round trip; return the handles."""

@@ -36,6 +36,7 @@ class _Row:
     out_ids: list = field(default_factory=list)
     chunks: dict = field(default_factory=dict)  # layer -> list of [n, hidden] CPU tensors
     finish_reason: str | None = None
+    logits: object = None
 
 
 @dataclass
@@ -44,12 +45,18 @@ class _Pass:
 
     plans: dict      # layer -> ("add", [B,1,H] table) | ("all", ops) | ("groups", [(index, ops)])
     captures: dict   # layer -> [(row, start, chunk list)]
+    stop_after: int | None = None  # encode passes end after this layer
+
+
+class _StopForward(Exception):
+    """Raised by the hook of the last layer an encode pass needs: the rest of the model is skipped."""
 
 
 class HFSteerModel(SteerModel):
     """``SteerModel`` on transformers (see :class:`workbench.engine.base.SteerModel` for the API)."""
 
     backend = "hf"
+    supports_encode_only = True
 
     def __init__(self, hf_model, tokenizer, model_name: str, max_model_len: int | None = None, max_batch_size: int = 64,
                  prefix_cache_mb: float = 256):
@@ -76,7 +83,7 @@ class HFSteerModel(SteerModel):
         self._plan_key = None
         self._plans = {}
         self.stats = {"prefill_passes": 0, "decode_passes": 0, "tokens": 0, "max_batch": 0, "requests": 0,
-                      "prefix_hit_tokens": 0}
+                      "prefix_hit_tokens": 0, "encode_passes": 0}
         self.prefix_cache = PrefixCache(int(prefix_cache_mb * 2**20)) if prefix_cache_mb > 0 else None
         self._kv_shape = None
         self._thread = threading.Thread(target=self._loop, name=f"workbench-hf-{model_name}", daemon=True)
@@ -130,21 +137,23 @@ class HFSteerModel(SteerModel):
                     self._rows = []
                     return
                 room = self.max_batch_size - len(self._rows)
-                new = []
-                while self._pending and len(new) < room:
+                new, encode = [], []
+                while self._pending and len(new) < room and len(encode) < self.max_batch_size:
                     req = self._pending.popleft()
                     if not req.cancelled:
-                        new.append(req)
+                        (encode if req.encode_only else new).append(req)
             try:
                 self._drop_finished()
                 with torch.inference_mode():
+                    if encode:
+                        self._encode(encode)
                     if new:
                         self._prefill(new)
                     elif self._rows:
                         self._decode()
                 self._drop_finished()
             except Exception as exc:  # one failing pass must not kill the engine
-                failed = [r.req for r in self._rows] + [r for r in new if r not in {x.req for x in self._rows}]
+                failed = [r.req for r in self._rows] + [r for r in new + encode if r not in {x.req for x in self._rows}]
                 for req in failed:
                     req.emit(ErrorEvent(EngineError(f"forward pass failed: {type(exc).__name__}: {exc}")))
                 self._reset_batch()
@@ -200,6 +209,35 @@ class HFSteerModel(SteerModel):
         lens = torch.tensor([len(r.prompt_ids) for r in reqs], device=self.device)
         self._merge(rows, cache, mask.to(self.device), lens)
         self._sample(rows, out.logits[:, -1, :])
+
+    def _encode(self, reqs: list[Request]) -> None:
+        """One forward over the prompts (left-padded), stopping after the deepest captured layer."""
+        rows = [_Row(r, None, TextStream(self.tokenizer), self._eos) for r in reqs]
+        lens = [len(r.prompt_ids) for r in reqs]
+        width = max(lens)
+        ids = torch.full((len(reqs), width), self._pad_id, dtype=torch.long)
+        mask = torch.zeros((len(reqs), width), dtype=torch.long)
+        for i, r in enumerate(reqs):
+            ids[i, width - lens[i]:] = torch.tensor(r.prompt_ids)
+            mask[i, width - lens[i]:] = 1
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        from transformers import DynamicCache
+
+        stop = max(layer for r in reqs for layer in r.capture_layers)
+        self._pass = _Pass(self._build_plans([r.steering for r in reqs]),
+                           self._capture_map(rows, [width - n for n in lens]), stop_after=stop)
+        try:
+            self.hf_model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                          position_ids=pos.to(self.device), past_key_values=DynamicCache(), use_cache=True,
+                          logits_to_keep=1)
+        except _StopForward:
+            pass
+        finally:
+            self._pass = None
+        self.stats["encode_passes"] += 1
+        for row in rows:
+            captures = {layer: torch.cat(chunks) for layer, chunks in row.chunks.items()}
+            row.req.emit(FinishEvent("encode", "", [], captures))
 
     def _empty_kv(self, layer: int):
         """A zero-length KV entry shaped like the batch's, for rows without a cached prefix."""
@@ -289,6 +327,8 @@ class HFSteerModel(SteerModel):
             else:
                 seen = torch.tensor(row.req.prompt_ids + row.out_ids, device=logits.device)
                 token = sample_token(logits[i], params, row.generator, seen)
+            if row.req.want_logits and not row.out_ids:
+                row.logits = logits[i].float().cpu()
             row.out_ids.append(token)
             self.stats["tokens"] += 1
             is_eos = token in row.eos_ids and not (params.ignore_eos and token not in params.stop_token_ids)
@@ -303,7 +343,7 @@ class HFSteerModel(SteerModel):
             if row.finish_reason is not None:
                 captures = {layer: torch.cat(chunks) if chunks else torch.empty(0, self.hidden_size)
                             for layer, chunks in row.chunks.items()}
-                row.req.emit(FinishEvent(row.finish_reason, row.stream.text, list(row.out_ids), captures))
+                row.req.emit(FinishEvent(row.finish_reason, row.stream.text, list(row.out_ids), captures, row.logits))
 
     # ------------------------------------------------------------------ steering and capture
     def _capture_map(self, rows: list[_Row], starts: list[int]) -> dict:
@@ -346,6 +386,8 @@ class HFSteerModel(SteerModel):
                 hidden = _apply_plan(hidden, plan)
             for row, start, chunks in step.captures.get(layer_idx, ()):
                 chunks.append(hidden[row, start:].to("cpu", torch.float32, copy=True))
+            if step.stop_after == layer_idx:
+                raise _StopForward
             if plan is None:
                 return None
             return (hidden, *output[1:]) if isinstance(output, tuple) else hidden

@@ -1,0 +1,138 @@
+"""Inspect, activations, logits and contrast: what features a conversation activates.
+
+All take chat messages (rendered with the model's chat template, no generation prompt) and
+optional interventions, and run one forward pass per conversation that stops after the deepest
+layer a feature reads. Aggregation is over the conversation's tokens but the first (it carries
+massive residual outliers).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..chat import check_chat_options, normalize_conversations, render_chat
+from ..errors import EmptyInputError, ValidationError
+from ..steering import SteeringSpec
+
+AGGREGATIONS = ("mean", "max", "sum", "frequency")
+
+
+def _steering(model, features, interventions) -> SteeringSpec:
+    if interventions is None:
+        return SteeringSpec()
+    if isinstance(interventions, SteeringSpec):
+        return interventions
+    if hasattr(interventions, "interventions"):       # a Variant
+        interventions = interventions.interventions
+    from .variant import compile_interventions
+
+    return compile_interventions(list(interventions), features)
+
+
+def _render(model, messages) -> list[int]:
+    messages = [m.model_dump() if hasattr(m, "model_dump") else m for m in (messages or [])]
+    convs, single = normalize_conversations(messages)
+    if not single:
+        raise ValidationError("expected one conversation (a list of messages)")
+    return render_chat(model.tokenizer, convs[0], check_chat_options({"add_generation_prompt": False})).token_ids
+
+
+async def token_activations(model, features, conversations, interventions=None) -> list[torch.Tensor]:
+    """Per conversation, ``[tokens - 1, len(features)]`` activations (first token left out)."""
+    if not len(features):
+        raise ValidationError("the feature set is empty")
+    spec = _steering(model, features, interventions)
+    ids = [_render(model, conv) for conv in conversations]
+    outs = await model.encode(ids, features.layers(), steering=spec)
+    acts = []
+    for out in outs:
+        a = features.activations_from_hidden(out)
+        acts.append(a[1:] if a.shape[0] > 1 else a)
+    return acts
+
+
+def aggregate(acts: torch.Tensor, method: str, threshold: torch.Tensor) -> torch.Tensor:
+    if method not in AGGREGATIONS:
+        raise ValidationError(f"aggregation_method {method!r} is not allowed; allowed: {list(AGGREGATIONS)}")
+    if method == "mean":
+        return acts.mean(0)
+    if method == "max":
+        return acts.max(0).values
+    if method == "sum":
+        return acts.sum(0)
+    return (acts > threshold).float().mean(0)
+
+
+def _check_top_k(top_k, n, name="top_k"):
+    if top_k is None:
+        return n
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+        raise ValidationError(f"{name}={top_k!r} is out of range; allowed an integer >= 1")
+    return min(top_k, n)
+
+
+async def inspect(model, features, messages, top_k: int = 10, aggregation_method: str = "mean", interventions=None):
+    """The ``top_k`` features most active over the conversation: ``[(Feature, activation)]``, best first."""
+    k = _check_top_k(top_k, len(features))
+    aggregate(torch.zeros(1, 1), aggregation_method, torch.zeros(1))  # validate early
+    [acts] = await token_activations(model, features, [messages], interventions)
+    agg = aggregate(acts, aggregation_method, features.active_threshold())
+    vals, idx = torch.topk(agg, k)
+    feats = list(features)
+    return [(feats[int(i)], float(v)) for v, i in zip(vals, idx)]
+
+
+async def activations(model, features, messages, aggregation_method: str = "mean", interventions=None) -> list[float]:
+    """One aggregated activation per feature (length = feature count)."""
+    aggregate(torch.zeros(1, 1), aggregation_method, torch.zeros(1))
+    [acts] = await token_activations(model, features, [messages], interventions)
+    return aggregate(acts, aggregation_method, features.active_threshold()).tolist()
+
+
+async def logits(model, features, messages, top_k: int | None = None, start_idx: int | None = None,
+                 end_idx: int | None = None, interventions=None) -> dict:
+    """Next-token logits (decoded token -> logit) after tokens ``[start_idx, end_idx)`` of the rendered conversation."""
+    ids = _render(model, messages)
+    n = len(ids)
+    start = 0 if start_idx is None else start_idx
+    end = n if end_idx is None else end_idx
+    for name, v in (("start_idx", start), ("end_idx", end)):
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ValidationError(f"{name} must be an integer, got {v!r}")
+    if not 0 <= start < end <= n:
+        raise ValidationError(f"need 0 <= start_idx < end_idx <= {n} (the conversation has {n} tokens); "
+                              f"got start_idx={start}, end_idx={end}")
+    spec = _steering(model, features, interventions)
+    row = await model.next_token_logits(ids[start:end], steering=spec)
+    k = _check_top_k(top_k, row.numel())
+    vals, idx = torch.topk(row, k)
+    out: dict = {}
+    for v, i in zip(vals.tolist(), idx.tolist()):
+        tok = model.tokenizer.decode([i])
+        if tok not in out:  # several ids can decode to one string: keep the largest logit
+            out[tok] = v
+    return out
+
+
+async def contrast(model, features, dataset_1, dataset_2, k_to_add: int = 10, k_to_remove: int = 10,
+                   interventions_1=None, interventions_2=None):
+    """Features more active in ``dataset_1`` (``top_to_add``) and in ``dataset_2`` (``top_to_remove``).
+
+    Ranked by a standardized difference: the difference of the datasets' mean activations divided
+    by the feature's per-token standard deviation over both datasets.
+    """
+    for name, ds in (("dataset_1", dataset_1), ("dataset_2", dataset_2)):
+        if not ds:
+            raise EmptyInputError(f"{name} is empty; give at least one conversation")
+        normalize_conversations(list(ds))
+    ka, kr = _check_top_k(k_to_add, len(features), "k_to_add"), _check_top_k(k_to_remove, len(features), "k_to_remove")
+    a1 = await token_activations(model, features, list(dataset_1), interventions_1)
+    a2 = await token_activations(model, features, list(dataset_2), interventions_2)
+    m1 = torch.stack([a.mean(0) for a in a1]).mean(0)
+    m2 = torch.stack([a.mean(0) for a in a2]).mean(0)
+    std = torch.cat(a1 + a2).std(0, unbiased=False)
+    d = (m1 - m2) / (std + 1e-3)
+    feats = list(features)
+    add = [feats[int(i)] for i in torch.argsort(d, descending=True)[:ka]]
+    remove = [feats[int(i)] for i in torch.argsort(d)[:kr]]
+    return add, remove

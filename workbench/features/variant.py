@@ -1,0 +1,135 @@
+"""``Variant``: a model name plus feature interventions, compiled to a ``SteeringSpec``.
+
+Names and semantics follow the vllm-sdk seed. A strength-``s`` intervention in mode ``add`` adds
+``s * scale_f * u_f`` at the feature's layer; mode ``clamp`` sets the feature's value to
+``s * scale_f`` (concepts: the projection on ``u_f``; SAE features: the SAE activation, to ``s`` times
+its typical maximum, by encode / set / decode keeping the reconstruction error).
+
+>>> variant = wb.Variant("default")
+>>> variant.set(model.features.search("pirate", top_k=1), strength=0.5)  # doctest: +SKIP
+>>> [reply] = await model.chat(messages, steering=variant)                # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from ..errors import ValidationError
+from ..models import canonical_name
+from ..steering import LayerSteeringSpec, SteeringSpec
+
+MODES = ("add", "clamp")
+
+
+@dataclass
+class InterventionSpec:
+    """One intervention: a feature (by ``index_in_sae``, or ``feature_id`` when given), a strength, a mode."""
+
+    index_in_sae: int
+    strength: float
+    mode: str = "add"
+    feature_id: str | None = None
+
+    def __post_init__(self):
+        if isinstance(self.index_in_sae, bool) or not isinstance(self.index_in_sae, int):
+            raise ValidationError(f"index_in_sae must be an integer, got {self.index_in_sae!r}")
+        try:
+            self.strength = float(self.strength)
+        except (TypeError, ValueError) as exc:
+            raise ValidationError(f"strength must be a number, got {self.strength!r}") from exc
+        if not math.isfinite(self.strength):
+            raise ValidationError(f"strength must be finite, got {self.strength!r}")
+        if self.mode is None:
+            self.mode = "add"
+        if self.mode not in MODES:
+            raise ValidationError(f"mode {self.mode!r} is not allowed; allowed: {list(MODES)}")
+
+    def to_dict(self) -> dict:
+        return {"index_in_sae": self.index_in_sae, "strength": self.strength, "mode": self.mode}
+
+    @classmethod
+    def from_any(cls, item) -> "InterventionSpec":
+        if isinstance(item, cls):
+            return item
+        if isinstance(item, dict):
+            return cls(**{k: item[k] for k in ("index_in_sae", "strength", "mode", "feature_id") if k in item})
+        if hasattr(item, "index_in_sae") and hasattr(item, "strength"):  # vllm-sdk's own InterventionSpec
+            return cls(item.index_in_sae, item.strength, getattr(item, "mode", "add"))
+        raise ValidationError(f"an intervention is an InterventionSpec or a dict, got {item!r}")
+
+
+class Variant:
+    """A model name with feature interventions; pass it as ``steering=`` or as a client's ``model=``."""
+
+    def __init__(self, model_name: str = "default"):
+        self.model_name = canonical_name(str(model_name))
+        self.interventions: list[InterventionSpec] = []
+
+    def _put(self, iv: InterventionSpec) -> None:
+        key = iv.feature_id or iv.index_in_sae
+        self.interventions = [x for x in self.interventions if (x.feature_id or x.index_in_sae) != key]
+        self.interventions.append(iv)
+
+    def set(self, features, strength: float, mode: str = "add") -> "Variant":
+        """Intervene on ``features`` (Features, FeatureItems or dicts) with one strength and mode."""
+        if not isinstance(features, (list, tuple)):
+            features = [features]
+        for f in features:
+            get = f.get if isinstance(f, dict) else lambda k, d=None, f=f: getattr(f, k, d)
+            self._put(InterventionSpec(get("index_in_sae"), strength, mode, feature_id=get("id")))
+        return self
+
+    def add_intervention(self, index_in_sae: int, strength: float, mode: str = "add") -> "Variant":
+        self._put(InterventionSpec(index_in_sae, strength, mode))
+        return self
+
+    def add_interventions(self, interventions) -> "Variant":
+        for iv in interventions:
+            self._put(InterventionSpec.from_any(iv))
+        return self
+
+    def get_interventions(self) -> list[dict]:
+        return [iv.to_dict() for iv in self.interventions]
+
+    def reset(self) -> "Variant":
+        self.interventions = []
+        return self
+
+    def to_steering_spec(self, model, features=None) -> SteeringSpec:
+        """Compile against ``model``'s feature set (or ``features``) in DESIGN.md's strength units."""
+        if canonical_name(model.model_name) != self.model_name:
+            raise ValidationError(f"this Variant is for {self.model_name!r}, the model is {model.model_name!r}")
+        return compile_interventions(self.interventions, features if features is not None else model.features)
+
+    def __str__(self) -> str:
+        return self.model_name
+
+    def __repr__(self) -> str:
+        inner = ", ".join(f"{iv.index_in_sae}:{iv.strength:g}/{iv.mode}" for iv in self.interventions)
+        return f"Variant({self.model_name!r}{', [' + inner + ']' if inner else ''})"
+
+    def __eq__(self, other) -> bool:
+        if isinstance(other, Variant):
+            return self.model_name == other.model_name
+        return isinstance(other, str) and canonical_name(other) == self.model_name
+
+    __hash__ = None
+
+
+def compile_interventions(interventions, features) -> SteeringSpec:
+    """Interventions -> one SteeringSpec; SAE clamps on one SAE are merged into one encode/set/decode."""
+    layers: dict[int, list] = {}
+    clamps: dict[str, tuple[int, list, list]] = {}
+    for raw in interventions or []:
+        iv = InterventionSpec.from_any(raw)
+        feature = features.get(iv.feature_id if iv.feature_id and iv.feature_id in features._by_id else iv.index_in_sae)
+        if iv.mode == "clamp" and feature.kind == "sae":
+            layer, idx, vals = clamps.setdefault(feature.sae, (feature.layer, [], []))
+            idx.append(feature.index_in_sae)
+            vals.append(iv.strength * feature.max_activation)
+            continue
+        layers.setdefault(feature.layer, []).append(features.op_for(feature, iv.strength, iv.mode))
+    for name, (layer, idx, vals) in clamps.items():
+        layers.setdefault(layer, []).append(features.saes[name].clamp_op(idx, vals))
+    return SteeringSpec(layers={l: LayerSteeringSpec(operations=ops) for l, ops in layers.items()})
