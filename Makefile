@@ -45,6 +45,7 @@ test: $(VENV)/.test-stamp
 bench: $(VENV)/.test-stamp
 	$(PY) -m workbench prepare
 	$(PY) benchmarks/hf_throughput.py
+	$(PY) benchmarks/features_bench.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -12,8 +12,10 @@ requests mid-flight, stream several requests, or give each row its own steering 
 
 from __future__ import annotations
 
+import atexit
 import threading
 import time
+import weakref
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -88,6 +90,7 @@ class HFSteerModel(SteerModel):
         self._kv_shape = None
         self._thread = threading.Thread(target=self._loop, name=f"workbench-hf-{model_name}", daemon=True)
         self._thread.start()
+        _LIVE.add(self)
 
     # ------------------------------------------------------------------ SteerModel hooks
     def _submit(self, request: Request) -> None:
@@ -392,6 +395,19 @@ class HFSteerModel(SteerModel):
                 return None
             return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
         return hook
+
+
+_LIVE: "weakref.WeakSet[HFSteerModel]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all() -> None:
+    """Stop scheduler threads before the interpreter tears torch down under them."""
+    for model in list(_LIVE):
+        try:
+            model.close()
+        except Exception:
+            pass
 
 
 def _apply_plan(hidden: torch.Tensor, plan) -> torch.Tensor:

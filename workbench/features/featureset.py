@@ -4,10 +4,12 @@ Every feature has a unit ``direction`` at its ``layer`` and a ``scale``, its nat
 residual units: a strength-``s`` intervention in mode ``add`` adds ``s * scale * direction``
 (DESIGN.md "Strength units"). Activations, used by inspect / activations / contrast:
 
-- concept directions: ``relu((h . u - bias) / span)`` per token, where ``bias`` is the mean
-  projection on neutral text and ``span`` the mean projection on the concept's own examples
-  minus ``bias``. So a concept reads about 0 on neutral text and about 1 on text like its
-  examples; it is "active" (for ``frequency``) above 0.5.
+- concept directions: the calibrated projection ``(h . u - bias) / span`` per token, where
+  ``bias`` is the mean projection on neutral text and ``span`` the mean projection on the
+  concept's own examples minus ``bias``. So a concept reads about 0 on neutral text (single
+  tokens scatter around it, slightly negative too) and about 1 on text like its examples; it
+  is "active" (for ``frequency``) above 0.5. It is not clipped at 0: clipping would turn
+  per-token noise into a positive mean and favour the noisiest directions.
 - SAE features: the SAE's own encoding (active above 0).
 
 >>> fs = wb.FeatureSet.from_sae("my_sae/", labels="labels.json")  # doctest: +SKIP
@@ -83,6 +85,14 @@ class FeatureSet:
         self._index = None
         return feature
 
+    def remove(self, key) -> Feature:
+        """Take a feature out of the set (by id, index_in_sae or Feature)."""
+        feature = self.get(key)
+        self._features.remove(feature)
+        self._by_id = {f.id: i for i, f in enumerate(self._features)}
+        self._index = None
+        return feature
+
     def get(self, key) -> Feature:
         """A feature by id (str), by ``index_in_sae`` (int), or from a ``FeatureItem``-like object/dict."""
         if isinstance(key, Feature):
@@ -148,7 +158,7 @@ class FeatureSet:
                 u = torch.stack([f.direction for f in feats]).float()
                 bias = torch.tensor([f.bias for f in feats])
                 span = torch.tensor([f.span for f in feats]).clamp(min=1e-6)
-                acts = torch.relu((h @ u.T - bias) / span)
+                acts = (h @ u.T - bias) / span
             out[:, idx] = acts
         return out
 

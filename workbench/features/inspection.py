@@ -2,8 +2,9 @@
 
 All take chat messages (rendered with the model's chat template, no generation prompt) and
 optional interventions, and run one forward pass per conversation that stops after the deepest
-layer a feature reads. Aggregation is over the conversation's tokens but the first (it carries
-massive residual outliers).
+layer a feature reads. Aggregation is over the tokens of the messages' contents: role markers
+and text the template injects (a default system prompt) are left out, and so is the very first
+token (it carries massive residual outliers).
 """
 
 from __future__ import annotations
@@ -30,24 +31,45 @@ def _steering(model, features, interventions) -> SteeringSpec:
 
 
 def _render(model, messages) -> list[int]:
+    return _render_with_content(model, messages)[0]
+
+
+def _render_with_content(model, messages) -> tuple[list[int], torch.Tensor]:
+    """Token ids of the rendered conversation, and a mask of the tokens inside message contents.
+
+    Role markers and text the template injects (e.g. a default system prompt) are not part of
+    the conversation a researcher inspects, and they light up generic directions.
+    """
     messages = [m.model_dump() if hasattr(m, "model_dump") else m for m in (messages or [])]
     convs, single = normalize_conversations(messages)
     if not single:
         raise ValidationError("expected one conversation (a list of messages)")
-    return render_chat(model.tokenizer, convs[0], check_chat_options({"add_generation_prompt": False})).token_ids
+    rendered = render_chat(model.tokenizer, convs[0], check_chat_options({"add_generation_prompt": False}))
+    offsets = model.tokenizer(rendered.text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    spans, pos = [], 0
+    for m in convs[0]:
+        at = rendered.text.find(m["content"], pos) if m["content"] else -1
+        if at >= 0:
+            spans.append((at, at + len(m["content"])))
+            pos = at + len(m["content"])
+    mask = torch.tensor([any(a <= o[0] < b for a, b in spans) for o in offsets[: len(rendered.token_ids)]], dtype=torch.bool)
+    if not bool(mask.any()):
+        mask[:] = True
+    return rendered.token_ids, mask
 
 
 async def token_activations(model, features, conversations, interventions=None) -> list[torch.Tensor]:
-    """Per conversation, ``[tokens - 1, len(features)]`` activations (first token left out)."""
+    """Per conversation, ``[content tokens, len(features)]`` activations over the messages' own tokens."""
     if not len(features):
         raise ValidationError("the feature set is empty")
     spec = _steering(model, features, interventions)
-    ids = [_render(model, conv) for conv in conversations]
-    outs = await model.encode(ids, features.layers(), steering=spec)
+    rendered = [_render_with_content(model, conv) for conv in conversations]
+    outs = await model.encode([ids for ids, _ in rendered], features.layers(), steering=spec)
     acts = []
-    for out in outs:
-        a = features.activations_from_hidden(out)
-        acts.append(a[1:] if a.shape[0] > 1 else a)
+    for out, (_, mask) in zip(outs, rendered):
+        mask = mask.clone()
+        mask[0] = mask.numel() == 1  # the first token carries massive outliers
+        acts.append(features.activations_from_hidden(out)[mask])
     return acts
 
 
