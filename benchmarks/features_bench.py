@@ -52,8 +52,7 @@ async def main():
         await fs.inspect(conv, top_k=5)
         times.append(time.perf_counter() - t0)
     inspect_ms = statistics.median(times) * 1000
-    ids = model.tokenizer.apply_chat_template(conv, tokenize=True)
-    n_tokens = len(ids["input_ids"] if isinstance(ids, dict) else ids)
+    n_tokens = len(model.tokenizer(model.tokenizer.apply_chat_template(conv, tokenize=False), add_special_tokens=False)["input_ids"])
 
     embedder()
     ix = LabelIndex(["placeholder"], semantic=True)
@@ -62,18 +61,24 @@ async def main():
     emb = torch.randn(65536, 384, generator=g)
     ix._emb = emb / emb.norm(dim=-1, keepdim=True)
     embed(["warm-up"])
-    qt = []
-    for q in ["roleplay as pirate", "speak French", "funny jokes", "sadness", "ocean waves"] * 4:
+    qt, et = [], []
+    for i in range(20):  # distinct queries: nothing is cached between them
+        q = f"{['roleplay as pirate', 'speak French', 'funny jokes', 'sadness', 'ocean waves'][i % 5]} {i}"
         t0 = time.perf_counter()
         ix.search(q, 10)
         qt.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        embed([q])
+        et.append(time.perf_counter() - t0)
     search_ms = statistics.median(qt) * 1000
+    embed_ms = statistics.median(et) * 1000
 
     print(f"concept library: {len(fs)} concepts at layers {sorted({f.layer for f in fs})}")
     print(f"library training from scratch:        {train:6.1f} s   (goal < 60 s)")
     print(f"library load from cache:              {cached:6.3f} s   (goal < 1 s)")
     print(f"inspect on a {n_tokens}-token conversation: {inspect_ms:6.0f} ms  (median of 9, one forward pass)")
-    print(f"search over 65,536 labels, per query: {search_ms:6.1f} ms  (goal <= 20 ms)")
+    print(f"search over 65,536 labels, per query: {search_ms:6.1f} ms  (goal <= 20 ms after embedding: "
+          f"ranking {search_ms - embed_ms:.1f} ms + embedding the query {embed_ms:.1f} ms)")
     model.close()
 
 

@@ -293,7 +293,7 @@ class HFSteerModel(SteerModel):
             return
         if self.prefix_cache is not None and self._cache is not None:
             for i, row in enumerate(self._rows):
-                if row.finish_reason is not None and not row.req.cancelled:
+                if i not in keep:  # finished or stopped: what it fed so far is valid KV either way
                     self._remember(i, row)
         if not keep:
             self._reset_batch()
@@ -311,7 +311,7 @@ class HFSteerModel(SteerModel):
         self._plan_key = None
 
     def _remember(self, i: int, row: _Row) -> None:
-        """Keep the KV of what this finished row fed through the model, for later prefixes."""
+        """Keep the KV of what this row fed through the model (prompt, generated but the last), for later prefixes."""
         real = self._mask[i].bool()
         kv = [(layer.keys[i:i + 1, :, real], layer.values[i:i + 1, :, real]) for layer in self._cache.layers]  # copies
         tokens = row.req.prompt_ids + row.out_ids[:-1]
