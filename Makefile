@@ -9,7 +9,9 @@ LAB_ARGS ?=
 PYTEST_ARGS ?=
 ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root,)
 
-.PHONY: setup lab test bench clean
+SERVE_ARGS ?=
+
+.PHONY: setup lab test bench serve clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +48,10 @@ bench: $(VENV)/.test-stamp
 	$(PY) -m workbench prepare
 	$(PY) benchmarks/hf_throughput.py
 	$(PY) benchmarks/features_bench.py
+	$(PY) benchmarks/api_overhead.py
+
+serve: setup
+	$(VENV)/bin/workbench serve $(SERVE_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

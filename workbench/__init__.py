@@ -4,11 +4,12 @@
 >>> model = wb.load("default")  # doctest: +SKIP
 """
 
+from .api import AsyncClient, Client
 from .capture import CaptureHandle
 from .chat import ChatResponse, MessageBoundary, StreamChunk
 from .engine import SteerModel, load
 from .errors import (
-    BackendUnavailableError, EmptyInputError, EngineError, LayerOutOfRangeError, ModelNotFoundError,
+    APIConnectionError, APIError, APIValidationError, BackendUnavailableError, EmptyInputError, EngineError, LayerOutOfRangeError, ModelNotFoundError,
     PromptTooLongError, SteeringStackEmptyError, UnknownFeatureError, ValidationError, VectorError, WorkbenchError,
 )
 from .features import SAE, Feature, FeatureSet, InterventionSpec, Variant
@@ -19,7 +20,7 @@ from .steering import AblationSpec, AddSpec, LayerSteeringSpec, ProjectionCapSpe
 __version__ = "0.1.0"
 
 __all__ = [
-    "AblationSpec", "AddSpec", "Feature", "FeatureSet", "InterventionSpec", "SAE", "UnknownFeatureError", "Variant", "BackendUnavailableError", "CaptureHandle", "ChatResponse", "EmptyInputError",
+    "APIConnectionError", "APIError", "APIValidationError", "AsyncClient", "Client", "AblationSpec", "AddSpec", "Feature", "FeatureSet", "InterventionSpec", "SAE", "UnknownFeatureError", "Variant", "BackendUnavailableError", "CaptureHandle", "ChatResponse", "EmptyInputError",
     "EngineError", "LayerOutOfRangeError", "LayerSteeringSpec", "MessageBoundary", "ModelNotFoundError",
     "ProjectionCapSpec", "PromptTooLongError", "SAEClampSpec", "SamplingParams", "SteerModel", "SteeringSpec",
     "SteeringStackEmptyError", "StreamChunk", "ValidationError", "VectorError", "WorkbenchError", "load",

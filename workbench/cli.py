@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -15,11 +16,26 @@ def main(argv: list[str] | None = None) -> int:
     prep = sub.add_parser("prepare", help="convert the embedded default model to an HF folder (once) and print its path")
     prep.add_argument("--force", action="store_true", help="convert again even if the cache is complete")
     sub.add_parser("version", help="print the version")
+    srv = sub.add_parser("serve", help="serve the thin API over HTTP (FastAPI + uvicorn)")
+    srv.add_argument("--model", default="default", help="'default', a local HF folder or a hub id")
+    srv.add_argument("--backend", default="auto", choices=["auto", "hf", "vllm"])
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--api-key", default=os.environ.get("WORKBENCH_API_KEY"),
+                     help="required from clients (default: $WORKBENCH_API_KEY); without it only localhost is served")
+    srv.add_argument("--served-model-name", action="append", default=[],
+                     help="another name this model answers to (repeatable), e.g. meta-llama/Llama-3.1-8B-Instruct")
+    srv.add_argument("--log-level", default="info")
     args = parser.parse_args(argv)
     if args.command == "prepare":
         from .models import prepare_default_model
 
         print(prepare_default_model(force=args.force))
+    elif args.command == "serve":
+        from .server import serve
+
+        serve(args.model, backend=args.backend, host=args.host, port=args.port, api_key=args.api_key,
+              aliases=args.served_model_name, log_level=args.log_level)
     elif args.command == "version":
         from . import __version__
 

@@ -12,7 +12,10 @@ Every error the workbench raises on purpose is a ``WorkbenchError``::
     ├── ModelNotFoundError         a model name that resolves to nothing; says what was tried
     ├── SteeringStackEmptyError    pop on an empty steering stack; also an IndexError
     ├── BackendUnavailableError    a backend that is not installed or not usable here
-    └── EngineError                the engine failed or was closed while serving a request
+    ├── EngineError                the engine failed or was closed while serving a request
+    └── APIError                   a thin-API call failed; carries status_code and the server's detail
+        ├── APIValidationError     4xx: the request was refused (also a ValidationError)
+        └── APIConnectionError     the server could not be reached
 
 Lower-level errors (transformers, torch, OS) are translated at the boundary with
 ``raise ... from exc`` so the original cause stays visible.
@@ -66,3 +69,20 @@ class BackendUnavailableError(WorkbenchError):
 
 class EngineError(WorkbenchError, RuntimeError):
     """The engine failed (or was closed) while serving a request."""
+
+
+class APIError(WorkbenchError):
+    """A thin-API call failed: ``status_code`` (None when no answer came) and the server's ``detail``."""
+
+    def __init__(self, detail: str, status_code: int | None = None):
+        super().__init__(f"{status_code}: {detail}" if status_code else detail)
+        self.detail = detail
+        self.status_code = status_code
+
+
+class APIValidationError(APIError, ValidationError):
+    """The server (or in-process service) refused the request as bad input (HTTP 4xx)."""
+
+
+class APIConnectionError(APIError):
+    """The server could not be reached, or the connection broke."""

@@ -1,0 +1,161 @@
+"""The thin API over both transports (in-process and a real uvicorn server): wire compatibility
+with vllm-sdk's schemas, client methods, errors."""
+
+import pytest
+import vllm_sdk.schemas as sdk
+
+import workbench as wb
+from workbench.api import schemas as ours
+
+LLAMA = "meta-llama/Llama-3.1-8B-Instruct"
+HELLO = [{"role": "user", "content": "Say hello in one sentence."}]
+
+
+@pytest.fixture(scope="module")
+def http_server(default_model):
+    """A real uvicorn server on a free loopback port, serving the shared default model."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    from workbench.server import create_app
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(default_model, aliases=[LLAMA]), host="127.0.0.1", port=port,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.started
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module", params=["inprocess", "http"])
+def transport(request):
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def client(request, transport, default_model):
+    if transport == "inprocess":
+        return wb.AsyncClient(default_model, aliases=[LLAMA])
+    return wb.AsyncClient(base_url=request.getfixturevalue("http_server"))
+
+
+def _roundtrip(ours_obj, sdk_cls):
+    """Our response, as JSON, validates with the vllm-sdk package's own schema."""
+    return sdk_cls.model_validate_json(ours_obj.model_dump_json())
+
+
+async def test_chat_completion_matches_engine_and_sdk_schema(client, default_model):
+    r = await client.chat.completions.create(model=LLAMA, messages=HELLO, max_completion_tokens=20, temperature=0.0)
+    [direct] = await default_model.chat(HELLO, wb.SamplingParams(temperature=0.0, max_tokens=20))
+    assert r.choices[0].message.content == direct.generated
+    assert r.usage.completion_tokens == len(direct.token_ids) and r.usage.total_tokens > r.usage.completion_tokens
+    parsed = _roundtrip(r, sdk.ChatCompletionResponse)
+    assert parsed.choices[0].message.content == direct.generated
+
+
+async def test_stream_chunks_add_up_and_validate(client):
+    text, chunks = "", []
+    async for chunk in client.chat.completions.create_stream(model=LLAMA, messages=HELLO, max_completion_tokens=20,
+                                                               temperature=0.0):
+        chunks.append(chunk)
+        text += chunk.choices[0].delta.content or ""
+    full = await client.chat.completions.create(model=LLAMA, messages=HELLO, max_completion_tokens=20, temperature=0.0)
+    assert text == full.choices[0].message.content
+    assert chunks[0].choices[0].delta.role == "assistant" and chunks[-1].choices[0].finish_reason is not None
+    for c in chunks:
+        _roundtrip(c, sdk.ChatCompletionChunk)
+
+
+async def test_variant_interventions_ride_along(client, default_model):
+    pirate = default_model.features["concept/pirate"]
+    variant = wb.Variant("default").set(pirate, 0.4)
+    tokyo = [{"role": "user", "content": "Give me tourist information about Tokyo."}]
+    via_client = await client.chat.completions.create(model=variant, messages=tokyo, max_completion_tokens=30,
+                                                      temperature=0.0)
+    [direct] = await default_model.chat(tokyo, wb.SamplingParams(temperature=0.0, max_tokens=30), steering=variant)
+    [plain] = await default_model.chat(tokyo, wb.SamplingParams(temperature=0.0, max_tokens=30))
+    assert via_client.choices[0].message.content == direct.generated != plain.generated
+
+
+async def test_feature_routes_validate_with_the_sdk(client):
+    found = await client.features.search("roleplay as pirate", model=LLAMA, top_k=3)
+    assert "concept/pirate" in [f.id for f in found.data]
+    _roundtrip(found, sdk.FeatureSearchResponse)
+    reranked = await client.features.rerank("speak French", features=found.data + (
+        await client.features.search("French", model=LLAMA, top_k=1)).data, model=LLAMA, top_k=2)
+    assert reranked.data[0].id == "concept/french"
+    _roundtrip(reranked, sdk.FeatureRerankResponse)
+    pirate_chat = [{"role": "user", "content": "Tell me about Tokyo."},
+                   {"role": "assistant", "content": "Ahoy, matey! Tokyo be a fine port, arr, with treasure for ye!"}]
+    insp = await client.features.inspect(model=LLAMA, messages=pirate_chat, top_k=5)
+    assert "concept/pirate" in [f.feature.id for f in insp.features]
+    _roundtrip(insp, sdk.FeatureInspectionResponse)
+    acts = await client.features.activations(model=LLAMA, messages=pirate_chat)
+    assert len(acts.activations) >= 40
+    _roundtrip(acts, sdk.ActivationsResponse)
+    logits = await client.features.logits(model=LLAMA, messages=pirate_chat, top_k=10)
+    assert len(logits.logits) <= 10
+    _roundtrip(logits, sdk.LogitsResponse)
+    con = await client.features.contrast(model=LLAMA, dataset_1=[HELLO], dataset_2=[pirate_chat], k_to_add=3, k_to_remove=3)
+    assert len(con.top_to_add) == 3 and len(con.top_to_remove) == 3
+    _roundtrip(con, sdk.ContrastResponse)
+
+
+async def test_norms_route(client, default_model):
+    r = await client.features.norms(model="default", messages=HELLO, layers=[0, 6, 29])
+    df = r.to_dataframe()
+    assert set(df.layer) == {0, 6, 29}
+    _, [h] = await default_model.chat(HELLO, wb.SamplingParams(max_tokens=1), capture_layers=[6],
+                                      chat_options={"add_generation_prompt": False})
+    expected = h.hidden(6).norm(dim=-1)
+    got = df[df.layer == 6].sort_values("position").norm.to_numpy()
+    assert len(got) == expected.shape[0] and abs(got - expected.numpy()).max() < 1e-3 * float(expected.max())
+
+
+def test_sdk_requests_parse_into_our_schemas():
+    req = sdk.ChatCompletionRequest(model=LLAMA, messages=[sdk.ChatMessage(role="user", content="hi")],
+                                    interventions=[sdk.InterventionSpec(index_in_sae=3, strength=0.5)])
+    ours.ChatCompletionRequest.model_validate_json(req.model_dump_json())
+    ours.ContrastRequest.model_validate_json(sdk.ContrastRequest(
+        model=LLAMA, dataset_1=[[sdk.ChatMessage(role="user", content="a")]],
+        dataset_2=[[sdk.ChatMessage(role="user", content="b")]]).model_dump_json())
+
+
+@pytest.mark.parametrize("call, status, match", [
+    (lambda c: c.chat.completions.create(model="no-such-model", messages=HELLO), 400, "unknown model 'no-such-model'"),
+    (lambda c: c.features.search("x", model=LLAMA, top_k=500), 422, "top_k"),
+    (lambda c: c.chat.completions.create(model=LLAMA, messages=HELLO, interventions=[{"index_in_sae": 999, "strength": 1}]),
+     400, "no feature with index_in_sae 999"),
+    (lambda c: c.chat.completions.create(model=LLAMA, messages=[]), 422, "messages"),
+    (lambda c: c.features.logits(model=LLAMA, messages=HELLO, end_idx=100000), 400, "end_idx"),
+])
+async def test_errors_carry_status_and_detail(client, call, status, match):
+    with pytest.raises(wb.APIValidationError, match=match) as info:
+        await call(client)
+    assert info.value.status_code == status and isinstance(info.value, wb.WorkbenchError)
+    ok = await client.chat.completions.create(model=LLAMA, messages=HELLO, max_completion_tokens=3, temperature=0.0)
+    assert ok.choices[0].message.content
+
+
+def test_sync_client(request, transport, default_model):
+    if transport == "inprocess":
+        client = wb.Client(default_model, aliases=[LLAMA])
+    else:
+        client = wb.Client(base_url=request.getfixturevalue("http_server"))
+    r = client.chat.completions.create(model=LLAMA, messages=HELLO, max_completion_tokens=8, temperature=0.0)
+    pieces = [c.choices[0].delta.content or "" for c in
+              client.chat.completions.create_stream(model=LLAMA, messages=HELLO, max_completion_tokens=8, temperature=0.0)]
+    assert "".join(pieces) == r.choices[0].message.content
+    assert client.features.search("speak French", model="default", top_k=1).data[0].id == "concept/french"
+    assert [m.id for m in client.models().data] == ["HuggingFaceTB/SmolLM2-135M-Instruct", LLAMA]
