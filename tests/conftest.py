@@ -114,6 +114,15 @@ def reference_hidden(model, token_ids, layers, steering=None):
     return {l: seen[l] for l in layers}, [hs[0] for hs in out.hidden_states]
 
 
+def free_port() -> int:
+    """A free TCP port on loopback (servers started by tests listen there only)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def assert_close_rel(actual, expected, rel=1e-4):
     """max |a - e| <= rel * max |e| (the acceptance tolerance for captures)."""
     assert actual.shape == expected.shape, (actual.shape, expected.shape)

@@ -14,17 +14,15 @@ HELLO = [{"role": "user", "content": "Say hello in one sentence."}]
 @pytest.fixture(scope="module")
 def http_server(default_model):
     """A real uvicorn server on a free loopback port, serving the shared default model."""
-    import socket
     import threading
     import time
 
     import uvicorn
 
+    from conftest import free_port
     from workbench.server import create_app
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(default_model, aliases=[LLAMA]), host="127.0.0.1", port=port,
                                            log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -159,3 +157,12 @@ def test_sync_client(request, transport, default_model):
     assert "".join(pieces) == r.choices[0].message.content
     assert client.features.search("speak French", model="default", top_k=1).data[0].id == "concept/french"
     assert [m.id for m in client.models().data] == ["HuggingFaceTB/SmolLM2-135M-Instruct", LLAMA]
+
+
+async def test_unreachable_server_is_a_connection_error():
+    from conftest import free_port
+
+    client = wb.AsyncClient(base_url=f"http://127.0.0.1:{free_port()}")
+    with pytest.raises(wb.APIConnectionError, match="cannot reach"):
+        await client.chat.completions.create(model=LLAMA, messages=HELLO, max_completion_tokens=2)
+    assert isinstance(wb.APIConnectionError("x"), wb.WorkbenchError)

@@ -5,7 +5,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,6 +13,7 @@ import httpx
 import pytest
 
 import workbench as wb
+from conftest import free_port
 
 LLAMA = "meta-llama/Llama-3.1-8B-Instruct"
 KEY = "test-key-123"
@@ -23,9 +23,7 @@ TOKYO = [{"role": "user", "content": "Give me tourist information about Tokyo."}
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """`workbench serve` in a subprocess on a free loopback port, with a key and a Llama alias."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     log = open(tmp_path_factory.mktemp("serve") / "serve.log", "w+")
     proc = subprocess.Popen([sys.executable, "-m", "workbench", "serve", "--port", str(port), "--api-key", KEY,
                              "--served-model-name", LLAMA, "--log-level", "warning"],
