@@ -26,4 +26,4 @@ def test_notebook_runs(path, tmp_path):
     text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
     if path.name == "01_quickstart.ipynb":
         assert "BASELINE:" in text and "STEERED :" in text
-        assert (tmp_path / "outputs" / "pirate_layer6.safetensors").is_file()
+        assert (tmp_path / "outputs" / "pirate.safetensors").is_file()
