@@ -156,3 +156,20 @@ async def test_client_disconnect_stops_the_generation(served):
     assert stats["server"]["streams_aborted"] == before["server"]["streams_aborted"] + 1
     assert stats["active_requests"] == 0
     assert stats["engine"]["tokens"] - before["engine"]["tokens"] < 1000     # stopped long before 2000 tokens
+
+
+def test_without_a_key_the_server_binds_to_localhost_only():
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "workbench", "serve", "--host", "0.0.0.0", "--port", str(port),
+                             "--log-level", "warning"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True, env={k: v for k, v in os.environ.items() if k != "WORKBENCH_API_KEY"})
+    try:
+        lines = []
+        while not any("workbench serve: HuggingFaceTB" in l for l in lines) and len(lines) < 20:
+            lines.append(proc.stdout.readline())
+        text = "".join(lines)
+        assert "no --api-key, so binding to 127.0.0.1 only (not 0.0.0.0)" in text
+        assert f"on http://127.0.0.1:{port}" in text
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
