@@ -11,7 +11,7 @@ ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root,)
 
 SERVE_ARGS ?=
 
-.PHONY: setup lab test bench serve clean
+.PHONY: setup lab test bench serve clean browser
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,13 @@ $(VENV)/.test-stamp: pyproject.toml $(VENV)/.lab-stamp
 	$(PIP) install -e ".[test]"
 	touch $@
 
+# The browser tests and PNG/SVG export use Debian's chromium (Playwright and kaleido drive it);
+# installed from the distribution's registry when missing (as root, or through sudo).
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+browser:
+	@command -v chromium >/dev/null 2>&1 || { $(SUDO) apt-get update -q && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends chromium; }
+
 setup: $(VENV)/.lab-stamp
 	$(PY) -m workbench prepare
 
@@ -40,7 +47,7 @@ lab: setup
 	$(VENV)/bin/jupyter lab --ip=$(LAB_HOST) --port=$(LAB_PORT) $(ROOT_FLAG) --ServerApp.root_dir="$(CURDIR)" \
 		--LabApp.default_url=/lab/tree/notebooks/01_quickstart.ipynb $(LAB_ARGS)
 
-test: $(VENV)/.test-stamp
+test: $(VENV)/.test-stamp browser
 	$(PY) -m workbench prepare
 	$(PY) -m pytest $(PYTEST_ARGS)
 

@@ -23,7 +23,7 @@ CORPUS = [
 ] * 20
 
 
-def build_tiny_model(path, seed: int = 0):
+def build_tiny_model(path, seed: int = 0, max_positions: int = 256):
     """A 4-block Llama with a small BPE tokenizer and a ChatML template, saved as an HF folder."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -39,7 +39,7 @@ def build_tiny_model(path, seed: int = 0):
     fast.chat_template = CHATML
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=len(fast), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
                          initializer_range=0.3, eos_token_id=fast.eos_token_id, pad_token_id=fast.pad_token_id,
                          bos_token_id=fast.bos_token_id, tie_word_embeddings=False)
     model = LlamaForCausalLM(config).eval()
@@ -121,6 +121,44 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def http_server(default_model):
+    """A real uvicorn server on a free loopback port, serving the shared default model."""
+    import threading
+    import time
+
+    import uvicorn
+
+    from workbench.server import create_app
+
+    port = free_port()
+    app = create_app(default_model, aliases=["meta-llama/Llama-3.1-8B-Instruct"])
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.started
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+def stop_process(proc, timeout: float = 20) -> None:
+    """Stop a server a test started in its own session (``start_new_session=True``), children included."""
+    import signal
+    import subprocess
+
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
 def assert_close_rel(actual, expected, rel=1e-4):

@@ -11,31 +11,6 @@ LLAMA = "meta-llama/Llama-3.1-8B-Instruct"
 HELLO = [{"role": "user", "content": "Say hello in one sentence."}]
 
 
-@pytest.fixture(scope="module")
-def http_server(default_model):
-    """A real uvicorn server on a free loopback port, serving the shared default model."""
-    import threading
-    import time
-
-    import uvicorn
-
-    from conftest import free_port
-    from workbench.server import create_app
-
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(default_model, aliases=[LLAMA]), host="127.0.0.1", port=port,
-                                           log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert server.started
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=10)
-
-
 @pytest.fixture(scope="module", params=["inprocess", "http"])
 def transport(request):
     return request.param
@@ -119,6 +94,24 @@ async def test_norms_route(client, default_model):
     expected = h.hidden(6).norm(dim=-1)
     got = df[df.layer == 6].sort_values("position").norm.to_numpy()
     assert len(got) == expected.shape[0] and abs(got - expected.numpy()).max() < 1e-3 * float(expected.max())
+
+
+async def test_token_activations_route_agrees_with_activations(client):
+    """The heatmap's per-token table: its mean over tokens is the ``activations`` route's mean."""
+    chat = HELLO + [{"role": "assistant", "content": "Arr, ahoy matey!"}]
+    r = await client.features.token_activations(model="default", messages=chat,
+                                                features=["concept/pirate", "concept/french"])
+    assert [f.id for f in r.features] == ["concept/pirate", "concept/french"]
+    assert len(r.tokens) == len(r.message_idx) == len(r.activations[0]) > 5
+    assert set(r.message_idx) == {0, 1} and "".join(r.tokens).strip().endswith("matey!")
+    means = (await client.features.activations(model="default", messages=chat)).activations
+    # activations come in feature-set order, and the library's index_in_sae is that position
+    for f, row in zip(r.features, r.activations):
+        assert abs(sum(row) / len(row) - means[f.index_in_sae]) < 1e-4 * max(1.0, abs(means[f.index_in_sae]))
+    df = r.to_dataframe()
+    assert len(df) == 2 * len(r.tokens) and set(df.feature_id) == {"concept/pirate", "concept/french"}
+    with pytest.raises(wb.APIValidationError, match="unknown feature id"):
+        await client.features.token_activations(model="default", messages=chat, features=["concept/nope"])
 
 
 def test_sdk_requests_parse_into_our_schemas():

@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 import workbench as wb
-from conftest import free_port
+from conftest import free_port, stop_process
 
 LLAMA = "meta-llama/Llama-3.1-8B-Instruct"
 KEY = "test-key-123"
@@ -38,11 +38,7 @@ def served(tmp_path_factory):
         except httpx.HTTPError:
             time.sleep(0.5)
     yield base
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+    stop_process(proc, timeout=30)
     log.close()
 
 

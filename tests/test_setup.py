@@ -2,13 +2,12 @@
 
 import json
 import os
-import signal
 import subprocess
 import time
 import urllib.request
 from pathlib import Path
 
-from conftest import free_port
+from conftest import free_port, stop_process
 
 ROOT = Path(__file__).parent.parent
 
@@ -39,10 +38,5 @@ def test_make_lab_starts_jupyterlab(tmp_path):
         opened = urllib.request.urlopen(f"http://127.0.0.1:{port}/?token={token}", timeout=10)
         assert opened.geturl().split("?")[0].endswith("/lab/tree/notebooks/01_quickstart.ipynb")
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_process(proc)
         log.close()

@@ -4,6 +4,7 @@
 >>> model = wb.load("default")  # doctest: +SKIP
 """
 
+from . import plots  # noqa: F401  (wb.plots)
 from .api import AsyncClient, Client
 from .capture import CaptureHandle
 from .chat import ChatResponse, MessageBoundary, StreamChunk

@@ -116,6 +116,14 @@ class _Features:
                                 {"model": name, "messages": _messages(messages), "layers": layers, "interventions": ivs})
 
 
+    async def token_activations(self, messages, model, features=None, interventions=None) -> s.TokenActivationsResponse:
+        """Per-token activations of ``features`` (ids or indices; default all) over a conversation."""
+        name, ivs = _model_and_interventions(model, interventions)
+        keys = None if features is None else [getattr(f, "id", f) if not isinstance(f, dict) else f.get("id") for f in features]
+        return await self._call("/v1/chat_attribution/token_activations", s.TokenActivationsResponse,
+                                {"model": name, "messages": _messages(messages), "features": keys, "interventions": ivs})
+
+
 class AsyncClient:
     """The async thin API: ``AsyncClient(model)`` in-process, or (with the server) ``AsyncClient(base_url=...)``."""
 
@@ -204,3 +212,8 @@ class Client(_SyncProxy):
 
     def __init__(self, model=None, **kwargs):
         super().__init__(AsyncClient(model, **kwargs))
+
+    @property
+    def async_client(self) -> AsyncClient:
+        """The ``AsyncClient`` underneath (what code on the kernel's event loop, e.g. the widgets, awaits)."""
+        return self._target

@@ -52,11 +52,16 @@ class Service:
                               max_tokens=req.max_tokens or req.max_completion_tokens,
                               repetition_penalty=req.repetition_penalty, stop=req.stop or [])
 
+    @staticmethod
+    def _chat_options(req: s.ChatCompletionRequest) -> dict | None:
+        return {"continue_final_message": True} if req.continue_final_message else None
+
     async def chat(self, req: s.ChatCompletionRequest) -> s.ChatCompletionResponse:
         name = self.check_model(req.model)
         messages = self._messages(req.messages)
-        [reply] = await self.model.chat(messages, self._sampling(req), steering=self.steering(req.interventions))
-        prompt = len(self.model._render([messages], None)[0].token_ids)
+        [reply] = await self.model.chat(messages, self._sampling(req), steering=self.steering(req.interventions),
+                                        chat_options=self._chat_options(req))
+        prompt = len(self.model._render([messages], self._chat_options(req))[0].token_ids)
         return s.ChatCompletionResponse(
             **self._meta("chatcmpl"), model=name,
             choices=[s.ChatCompletionChoice(index=0, message=s.ChatCompletionMessage(content=reply.generated),
@@ -78,7 +83,7 @@ class Service:
                                          choices=[s.ChatCompletionChunkChoice(index=0, delta=delta, finish_reason=finish)])
 
         yield chunk(s.ChatCompletionDelta(role="assistant", content=""))
-        async for piece in self.model.stream_chat(messages, sampling, steering=spec):
+        async for piece in self.model.stream_chat(messages, sampling, steering=spec, chat_options=self._chat_options(req)):
             if piece.finish_reason is not None:
                 yield chunk(s.ChatCompletionDelta(), finish=piece.finish_reason)
             elif piece.text:
@@ -139,6 +144,15 @@ class Service:
         total = sum([await self._tokens(c) for c in d1 + d2])
         return s.ContrastResponse(**self._meta("contrast"), model=name, top_to_add=[self._item(f) for f in add],
                                   top_to_remove=[self._item(f) for f in remove], usage=s.Usage(total_tokens=total))
+
+    async def token_activations(self, req: s.TokenActivationsRequest) -> s.TokenActivationsResponse:
+        name = self.check_model(req.model)
+        msgs = self._messages(req.messages)
+        table = await self.model.features.token_table(msgs, req.features, interventions=self.steering(req.interventions))
+        return s.TokenActivationsResponse(
+            **self._meta("tokens"), model=name, tokens=table["tokens"], message_idx=table["message_idx"],
+            features=[self._item(f) for f in table["features"]], activations=table["activations"],
+            usage=s.Usage(total_tokens=await self._tokens(msgs)))
 
     async def norms(self, req: s.NormsRequest) -> s.NormsResponse:
         name = self.check_model(req.model)

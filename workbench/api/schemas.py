@@ -48,6 +48,8 @@ class ChatCompletionRequest(_Body):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     stop: Optional[Union[str, list[str]]] = None
     n: int = Field(1, ge=1, le=1)
+    # vLLM's OpenAI server extra: continue a final assistant message (a prefill) instead of opening a new one
+    continue_final_message: bool = False
 
 
 class ChatCompletionMessage(_Body):
@@ -215,6 +217,35 @@ class NormsRequest(_Body):
     messages: list[ChatMessage] = Field(..., min_length=1)
     interventions: Optional[list[InterventionSpec]] = None
     layers: Optional[list[int]] = None   # default: every layer
+
+
+class TokenActivationsRequest(_Body):
+    """Per-token activations of chosen features over a conversation (the token-by-feature heatmap)."""
+
+    model: str
+    messages: list[ChatMessage] = Field(..., min_length=1)
+    interventions: Optional[list[InterventionSpec]] = None
+    features: Optional[list[Union[str, int]]] = Field(None, max_length=256)   # ids or index_in_sae; default all
+
+
+class TokenActivationsResponse(_Body):
+    id: str
+    object: Literal["activation.tokens"] = "activation.tokens"
+    created: int
+    model: str
+    tokens: list[str]
+    message_idx: list[int]
+    features: list[FeatureItem]
+    activations: list[list[float]]     # [feature][token]
+    usage: Usage
+
+    def to_dataframe(self):
+        """Long form: feature_id, label, position, token, message_idx, activation."""
+        import pandas as pd
+
+        rows = [(f.id, f.label, t, tok, self.message_idx[t], row[t])
+                for f, row in zip(self.features, self.activations) for t, tok in enumerate(self.tokens)]
+        return pd.DataFrame(rows, columns=["feature_id", "label", "position", "token", "message_idx", "activation"])
 
 
 class NormRow(_Body):

@@ -25,6 +25,7 @@ ROUTES = {
     "/v1/chat_attribution/logits": (s.LogitsRequest, "logits"),
     "/v1/chat_attribution/contrast": (s.ContrastRequest, "contrast"),
     "/v1/chat_attribution/norms": (s.NormsRequest, "norms"),
+    "/v1/chat_attribution/token_activations": (s.TokenActivationsRequest, "token_activations"),
 }
 
 

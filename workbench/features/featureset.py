@@ -238,6 +238,13 @@ class FeatureSet:
         [acts] = await inspection.token_activations(self._model(), self, [messages], interventions)
         return acts
 
+    async def token_table(self, messages, features=None, interventions=None) -> dict:
+        """Per content token: text, message index and the activations of ``features`` (ids, indices or Features)."""
+        from . import inspection
+
+        keys = None if features is None else [getattr(f, "id", f) for f in features]
+        return await inspection.token_table(self._model(), self, messages, keys, interventions)
+
     async def logits(self, messages, top_k=None, start_idx=None, end_idx=None, interventions=None) -> dict:
         """Next-token logits (decoded token -> logit) at the end of the conversation (or of ``[start_idx, end_idx)``)."""
         from . import inspection

@@ -40,6 +40,12 @@ def _render_with_content(model, messages) -> tuple[list[int], torch.Tensor]:
     Role markers and text the template injects (e.g. a default system prompt) are not part of
     the conversation a researcher inspects, and they light up generic directions.
     """
+    ids, owner = _render_with_owner(model, messages)
+    return ids, owner >= 0
+
+
+def _render_with_owner(model, messages) -> tuple[list[int], torch.Tensor]:
+    """Token ids and, per token, the index of the message whose content holds it (-1: template text)."""
     messages = [m.model_dump() if hasattr(m, "model_dump") else m for m in (messages or [])]
     convs, single = normalize_conversations(messages)
     if not single:
@@ -47,15 +53,16 @@ def _render_with_content(model, messages) -> tuple[list[int], torch.Tensor]:
     rendered = render_chat(model.tokenizer, convs[0], check_chat_options({"add_generation_prompt": False}))
     offsets = model.tokenizer(rendered.text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
     spans, pos = [], 0
-    for m in convs[0]:
+    for i, m in enumerate(convs[0]):
         at = rendered.text.find(m["content"], pos) if m["content"] else -1
         if at >= 0:
-            spans.append((at, at + len(m["content"])))
+            spans.append((at, at + len(m["content"]), i))
             pos = at + len(m["content"])
-    mask = torch.tensor([any(a <= o[0] < b for a, b in spans) for o in offsets[: len(rendered.token_ids)]], dtype=torch.bool)
-    if not bool(mask.any()):
-        mask[:] = True
-    return rendered.token_ids, mask
+    owner = torch.tensor([next((i for a, b, i in spans if a <= o[0] < b), -1) for o in offsets[: len(rendered.token_ids)]],
+                         dtype=torch.long)
+    if not bool((owner >= 0).any()):
+        owner[:] = 0
+    return rendered.token_ids, owner
 
 
 async def token_activations(model, features, conversations, interventions=None) -> list[torch.Tensor]:
@@ -71,6 +78,26 @@ async def token_activations(model, features, conversations, interventions=None) 
         mask[0] = mask.numel() == 1  # the first token carries massive outliers
         acts.append(features.activations_from_hidden(out)[mask])
     return acts
+
+
+async def token_table(model, features, messages, feature_keys=None, interventions=None) -> dict:
+    """Per content token: its text, its message and the activations of ``feature_keys`` (default: all).
+
+    Returns ``{"tokens": [str], "message_idx": [int], "features": [Feature], "activations": [features, tokens]}``,
+    the data of a token-by-feature heatmap; the first token is left out as in ``inspect``.
+    """
+    if not len(features):
+        raise ValidationError("the feature set is empty")
+    chosen = list(features) if not feature_keys else [features.get(k) for k in feature_keys]
+    ids, owner = _render_with_owner(model, messages)
+    [out] = await model.encode([ids], features.layers(), steering=_steering(model, features, interventions))
+    keep = owner >= 0
+    keep[0] = keep.numel() == 1
+    acts = features.activations_from_hidden(out)[keep]
+    cols = torch.tensor([features.position(f) for f in chosen], dtype=torch.long)
+    kept = [i for i in range(len(ids)) if bool(keep[i])]
+    return {"tokens": [model.tokenizer.decode([ids[i]]) for i in kept], "message_idx": [int(owner[i]) for i in kept],
+            "features": chosen, "activations": acts[:, cols].T.tolist()}
 
 
 def aggregate(acts: torch.Tensor, method: str, threshold: torch.Tensor) -> torch.Tensor:

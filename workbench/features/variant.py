@@ -111,7 +111,7 @@ class Variant:
 
     def __eq__(self, other) -> bool:
         if isinstance(other, Variant):
-            return self.model_name == other.model_name
+            return self.model_name == other.model_name and self.interventions == other.interventions
         return isinstance(other, str) and canonical_name(other) == self.model_name
 
     __hash__ = None

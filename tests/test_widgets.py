@@ -1,0 +1,252 @@
+"""The widget panels, driven headlessly through the widget API (values, set_state, clicks), on the
+default model, in-process and through a real `workbench serve`-style HTTP server."""
+
+import asyncio
+import json
+
+import pytest
+
+import workbench as wb
+from widgets import ChatPanel, FeaturePicker, NormsPanel, SteeringDials, StreamText, Workbench
+
+TOKYO = "Give me tourist information about Tokyo."
+PIRATE_WORDS = ("arr", "ahoy", "matey", "ye ", "yer", "aye", "treasure", "ship", "sea", "captain", "sail")
+
+
+@pytest.fixture(autouse=True)
+def _close_widgets():
+    yield
+    import ipywidgets
+
+    ipywidgets.Widget.close_all()
+
+
+@pytest.fixture(params=["inprocess", "http"])
+def source(request, default_model):
+    if request.param == "inprocess":
+        return default_model
+    return wb.Client(base_url=request.getfixturevalue("http_server"))
+
+
+def pirate_words(text: str) -> int:
+    low = text.lower()
+    return sum(low.count(w) for w in PIRATE_WORDS)
+
+
+async def test_pirate_flow_fills_both_columns_plots_and_exports(source, tmp_path):
+    """search 'pirate' -> pick -> strength 0.5 -> send -> both columns, pirate words, norms for every layer, export."""
+    bench = Workbench(source)
+    await bench.wait()
+    bench.picker.query.set_state({"value": "pirate"})     # what typing in the browser does
+    await bench.wait()
+    assert bench.picker.items and bench.picker.items[0].id == "concept/pirate"
+    bench.picker.pick_button.click()
+    assert [r.key for r in bench.dials.rows] == ["concept/pirate"]
+    bench.dials.slider("concept/pirate").set_state({"value": 0.5})
+    assert bench.dials.variant.get_interventions() == [{"index_in_sae": bench.picker.items[0].index_in_sae,
+                                                        "strength": 0.5, "mode": "add"}]
+    bench.chat.message.set_state({"value": TOKYO})
+    bench.chat.send_button.click()
+    await bench.wait()
+    assert bench.chat.error.value == "" and bench.norms.error.value == "" and bench.inspect.error.value == ""
+    baseline, steered = bench.chat.baseline_view.text, bench.chat.steered_view.text
+    assert baseline.startswith(f"You: {TOKYO}\n\nAssistant: ") and len(baseline) > 200
+    assert len(steered) > 200 and steered != baseline
+    reply_b = bench.chat.history["baseline"][-1]["content"]
+    reply_s = bench.chat.history["steered"][-1]["content"]
+    assert pirate_words(reply_s) >= 3 > pirate_words(reply_b), (reply_b, reply_s)
+    # the baseline column is exactly the unsteered greedy reply
+    direct = await wb.AsyncClient(source).chat.completions.create(
+        model="default", messages=[{"role": "user", "content": TOKYO}], temperature=0.0, max_completion_tokens=128,
+        seed=0) if isinstance(source, wb.SteerModel) else None
+    if direct is not None:
+        assert reply_b == direct.choices[0].message.content
+    # norms: one line per role for both variants, every layer present
+    layers_seen = {x for trace in bench.norms.layer_figure.data for x in trace.x}
+    assert layers_seen == set(range(30))
+    assert {t.meta["variant"] for t in bench.norms.layer_figure.data} == {"baseline", "steered"}
+    heat = bench.norms.message_figure.data[0]
+    assert list(heat.x) == list(range(30)) and len(heat.y) == 2
+    # the synced state a page reload renders from holds the current data, not the first (empty) figure
+    assert len(bench.norms.layer_figure._widget_data) == len(bench.norms.layer_figure.data) > 0
+    assert bench.inspect.items and len(bench.inspect.token_figure.data[0].z) == len(bench.inspect.items)
+    written = bench.norms.export.save(tmp_path / "norms", "png") + bench.norms.export.save(tmp_path / "norms", "html")
+    for path in written:
+        assert path.stat().st_size > 5000, path
+    assert written[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "plotly" in written[2].read_text()[:200000].lower()
+
+
+async def test_moving_a_dial_regenerates_only_the_steered_reply(default_model):
+    bench = Workbench(default_model, plots=False)
+    pirate = default_model.features["concept/pirate"]
+    bench.dials.add_feature(pirate, strength=0.0)
+    bench.chat.max_tokens.value = 24
+    bench.chat.send(TOKYO)
+    await bench.wait()
+    first_baseline = bench.chat.baseline_view.text
+    assert bench.chat.history["steered"][-1] == bench.chat.history["baseline"][-1]   # strength 0 == baseline
+    bench.dials.slider("concept/pirate").value = 0.5
+    await bench.wait()
+    assert bench.chat.baseline_view.text == first_baseline
+    assert len(bench.chat.history["steered"]) == 2                                   # replaced, not appended
+    assert bench.chat.history["steered"][-1] != bench.chat.history["baseline"][-1]
+    assert bench.chat.steered_view.text.count("Assistant:") == 1
+    # global off -> the regenerated steered reply is the baseline again
+    bench.dials.enabled.value = False
+    await bench.wait()
+    assert bench.chat.history["steered"][-1] == bench.chat.history["baseline"][-1]
+
+
+async def test_stop_mid_stream_keeps_the_partial_reply_and_the_panel_usable(default_model):
+    chat = ChatPanel(default_model, max_tokens=400)
+    chat.send("Write a very long story about a dragon.")
+    for _ in range(400):
+        await asyncio.sleep(0.02)
+        if len(chat.history["baseline"][-1:]) and chat.baseline_view.value.count(" ") > 25:
+            break
+    assert chat.streaming
+    chat.stop_button.click()
+    await chat.wait()
+    assert not chat.streaming and chat.status.value == "stopped"
+    assert 0 < chat.timing["baseline_tokens"] < 400
+    assert chat.history["baseline"][-1]["role"] == "assistant"
+    chat.max_tokens.value = 8
+    chat.send("Hi!")
+    await chat.wait()
+    assert chat.error.value == "" and len(chat.history["baseline"]) == 4
+
+
+async def test_errors_show_in_the_panel_not_as_a_traceback(default_model):
+    chat = ChatPanel(default_model)
+    chat.send_button.click()                                  # empty message
+    assert "EmptyInputError" in chat.error.value
+    down = ChatPanel(wb.Client(base_url="http://127.0.0.1:9"))  # nothing listens on port 9
+    down.send("hello")
+    await down.wait()
+    assert "APIConnectionError" in down.error.value and down.stop_button.disabled
+    picker = FeaturePicker(wb.AsyncClient(base_url="http://127.0.0.1:9"))
+    picker.query.value = "pirate"
+    await picker.wait()
+    assert "APIConnectionError" in picker.error.value
+    dials = SteeringDials(default_model)
+    dials.add_feature(default_model.features["concept/pirate"], strength=0.5)
+    panel = ChatPanel(default_model, variant=wb.Variant("default").add_intervention(999, 0.5))
+    panel.send("hello")
+    await panel.wait()
+    assert "999" in panel.error.value                           # unknown feature, said in the panel
+    await asyncio.gather(dials.wait(), chat.wait())
+
+
+async def test_picker_debounces_typing(default_model, monkeypatch):
+    picker = FeaturePicker(default_model)
+    calls = []
+    real = picker.client.features.search
+
+    async def counting(*a, **kw):
+        calls.append(a[0])
+        return await real(*a, **kw)
+
+    monkeypatch.setattr(picker.client.features, "search", counting)
+    for prefix in ("p", "pi", "pir", "pira", "pirat", "pirate"):
+        picker.query.value = prefix
+        await asyncio.sleep(0.01)
+    await picker.wait()
+    assert calls == ["pirate"] and picker.items[0].id == "concept/pirate"
+
+
+async def test_inspect_click_adds_a_feature_to_the_dials(default_model):
+    bench = Workbench(default_model)
+    bench.chat.max_tokens.value = 16
+    bench.chat.send("Arr, tell me about pirate ships and treasure, matey!")
+    await bench.wait()
+    items = bench.inspect.items
+    assert items and bench.dials.rows == []
+    bar = bench.inspect.bar_figure.data[0]
+    bench.inspect._on_bar_click(bar, type("P", (), {"point_inds": [len(items) - 1]})(), None)  # the top bar
+    assert [r.key for r in bench.dials.rows] == [items[0].id]
+    bench.inspect.feature.value = 1
+    bench.inspect.add_button.click()
+    assert [r.key for r in bench.dials.rows] == [items[0].id, items[1].id]
+    assert bench.inspect.token_figure.data[0].y[0] == items[1].label      # chosen feature on top
+    await bench.wait()   # the new dials regenerate the steered reply and redraw
+
+
+def test_norms_panel_controls_redraw_from_fetched_data(default_model):
+    panel = NormsPanel(default_model)
+
+    async def go():
+        await panel.refresh([{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi there!"}],
+                            [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Arr matey!"}],
+                            [{"index_in_sae": default_model.features["concept/pirate"].index_in_sae, "strength": 0.4}])
+
+    asyncio.run(go())
+    assert {x for t in panel.layer_figure.data for x in t.x} == set(range(30))
+    panel.layers.value = (5, 9)
+    assert {x for t in panel.layer_figure.data for x in t.x} == set(range(5, 10))
+    panel.by.value = "message"
+    assert {t.meta["group"] for t in panel.layer_figure.data} == {"0: user", "1: assistant"}
+    panel.heatmap.value = "difference"
+    z = panel.message_figure.data[0].z
+    assert abs(z[0][0]) < 1e-3 * 100       # the user message is the same on both sides at layer 5 (before layer 6)
+    assert panel.message_figure._widget_data[0]["z"] == list(map(list, z))
+
+
+def _traffic(monkeypatch):
+    """Record the JSON size of every comm message any widget sends."""
+    import comm.base_comm
+
+    sizes = []
+    real = comm.base_comm.BaseComm.send
+
+    def send(self, data=None, metadata=None, buffers=None):
+        sizes.append(len(json.dumps(data, default=str)))
+        return real(self, data, metadata, buffers)
+
+    monkeypatch.setattr(comm.base_comm.BaseComm, "send", send)
+    return sizes
+
+
+@pytest.fixture(scope="module")
+def long_tiny(tmp_path_factory):
+    """The tiny random model with room for a 400-token reply."""
+    from conftest import build_tiny_model
+
+    model = wb.load(str(build_tiny_model(tmp_path_factory.mktemp("tiny-long"), max_positions=1024)))
+    yield model
+    model.close()
+
+
+async def test_stream_traffic_per_token_stays_constant(long_tiny, monkeypatch):
+    """Over a 400-token reply the messages per token do not grow with the text (deltas, not the whole text)."""
+    chat = ChatPanel(long_tiny, max_tokens=400)
+    view = chat.steered_view
+    sizes = []
+    real_send = view.send
+    monkeypatch.setattr(view, "send", lambda content, buffers=None: (sizes.append(len(json.dumps(content))),
+                                                                    real_send(content, buffers))[1])
+    all_sizes = _traffic(monkeypatch)
+    chat.send("hello")
+    await chat.wait()
+    n = chat.timing["steered_tokens"]
+    assert chat.timing["steered_finish"] == "length" and n >= 200, n   # 400 tokens; a few join into one character
+    deltas = sizes[1:]                                # the first message is the "You: ..." header
+    assert len(deltas) == n
+    first, last = sum(deltas[:100]) / 100, sum(deltas[-100:]) / 100
+    assert last <= 2 * first + 20, (first, last)
+    # everything the panel sent while streaming: a constant per token, plus one full text per column at the end
+    total = sum(all_sizes)
+    text_len = len(chat.steered_view.text) + len(chat.baseline_view.text)
+    assert total < 2 * text_len + 200 * 2 * n, (total, text_len, n)
+
+
+def test_stream_text_state():
+    view = StreamText(kind="steered")
+    view.append("Ahoy")
+    view.append(", matey")
+    assert view.value == "Ahoy, matey" and view.text == ""
+    view.flush()
+    assert view.text == "Ahoy, matey"
+    view.truncate(4)
+    view.flush()
+    assert view.text == "Ahoy"

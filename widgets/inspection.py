@@ -1,0 +1,95 @@
+"""``InspectPanel``: the features most active in the conversation, and their activation per token."""
+
+from __future__ import annotations
+
+import asyncio
+
+import ipywidgets as w
+
+from workbench import plots
+
+from ._tasks import Panel
+from .figures import ExportRow, figure_widget, replace
+
+
+class InspectPanel(Panel):
+    """A bar chart of the top features (``features.inspect``) and a features x tokens heatmap
+    (``features.token_activations``) with the chosen feature on top. Clicking a bar, or "Add to
+    dials", calls the ``on_add`` callbacks with that feature.
+
+    >>> panel = InspectPanel(model); panel.on_add(dials.add_feature)              # doctest: +SKIP
+    >>> await panel.refresh(chat.messages("steered"), variant.get_interventions())  # doctest: +SKIP
+    """
+
+    def __init__(self, source, top_k: int = 8, **kwargs):
+        self.top_k = top_k
+        self.aggregation = w.Dropdown(options=["mean", "max"], value="mean", description="aggregate",
+                                      layout=w.Layout(width="200px"))
+        self.feature = w.Dropdown(options=[], description="feature", layout=w.Layout(width="360px"))
+        self.add_button = w.Button(description="Add to dials", icon="plus", disabled=True)
+        self.add_button.add_class("wb-inspect-add")
+        self.bar_figure = figure_widget()
+        self.token_figure = figure_widget()
+        self.status = w.HTML("<i>send a message to inspect it</i>")
+        self.items: list = []
+        self.table = None
+        self._messages, self._interventions = None, None
+        self._callbacks: list = []
+        self.export = ExportRow({"top": self.bar_figure, "tokens": self.token_figure}, "inspect", self.show_error)
+        super().__init__(source, [w.HTML("<b>Inspect</b>"), w.HBox([self.aggregation, self.feature, self.add_button]),
+                                  self.bar_figure, self.token_figure, self.status, self.export], **kwargs)
+        self.add_class("wb-inspect")
+        self.feature.observe(self._on_feature, "value")
+        self.add_button.on_click(lambda _: self.add(self.feature.value))
+        self.aggregation.observe(lambda _: self._messages and self._spawn(self.refresh(self._messages, self._interventions)),
+                                 "value")
+
+    def on_add(self, fn) -> None:
+        """Call ``fn(item)`` when a feature is chosen for the dials (bar click or button)."""
+        self._callbacks.append(fn)
+
+    def add(self, index) -> None:
+        if index is None or not (0 <= index < len(self.items)):
+            return
+        for fn in self._callbacks:
+            fn(self.items[index])
+
+    def _on_bar_click(self, trace, points, state) -> None:
+        # bars are drawn best-last (horizontal bars grow upward); map the point back to the item
+        for i in points.point_inds:
+            self.add(len(self.items) - 1 - i)
+
+    async def refresh(self, messages, interventions=None) -> None:
+        """Inspect ``messages`` (under ``interventions``) and redraw both figures."""
+        self._messages, self._interventions = messages, interventions
+        self.status.value = "inspecting…"
+        name = await self.session.model_name()
+        top, table = await asyncio.gather(
+            self.client.features.inspect(messages, model=name, interventions=interventions or None,
+                                         aggregation_method=self.aggregation.value, top_k=self.top_k),
+            self.client.features.token_activations(messages, model=name, interventions=interventions or None))
+        self.items = [x.feature for x in top.features]
+        keep = {f.id for f in self.items}
+        pos = [i for i, f in enumerate(table.features) if f.id in keep]
+        table.features = [table.features[i] for i in pos]
+        table.activations = [table.activations[i] for i in pos]
+        self.table = table
+        replace(self.bar_figure, plots.top_features(top))
+        for trace in self.bar_figure.data:
+            trace.on_click(self._on_bar_click)
+        current = self.feature.value
+        self.feature.options = [(f.label, i) for i, f in enumerate(self.items)]
+        self.feature.value = current if current is not None and current < len(self.items) else (0 if self.items else None)
+        self.add_button.disabled = not self.items
+        self._draw_tokens()
+        self.status.value = f"{len(table.tokens)} tokens · top {len(self.items)} features"
+        self.show_error(None)
+
+    def _on_feature(self, change) -> None:
+        self._draw_tokens()
+
+    def _draw_tokens(self) -> None:
+        if self.table is None or self.feature.value is None:
+            return
+        chosen = self.items[self.feature.value].id
+        replace(self.token_figure, plots.token_heatmap(self.table, highlight=chosen))

@@ -1,0 +1,76 @@
+"""``Workbench``: the panels composed and wired together: pick -> dials -> chat -> norms and inspect."""
+
+from __future__ import annotations
+
+import asyncio
+
+import ipywidgets as w
+
+import workbench as wb
+
+from ._tasks import Panel, Session
+from .chat import ChatPanel
+from .dials import SteeringDials
+from .inspection import InspectPanel
+from .norms import NormsPanel
+from .picker import FeaturePicker
+
+
+class Workbench(Panel):
+    """Search features, set strengths, chat with baseline and steered side by side, and watch the norms.
+
+    Takes a ``SteerModel`` (in-process), a ``wb.Client`` or a ``wb.AsyncClient`` (e.g. pointed at a
+    ``workbench serve``). Put it last in a cell to display it; its panels (``picker``, ``dials``,
+    ``chat``, ``norms``, ``inspect``) also work one by one.
+
+    >>> bench = Workbench(wb.load("default"))      # doctest: +SKIP
+    >>> bench                                       # doctest: +SKIP
+    """
+
+    def __init__(self, source, plots: bool = True, **kwargs):
+        if isinstance(source, wb.SteerModel):
+            source.features  # the concept library trains on first use (a progress bar shows), then loads in ms
+        session = Session.of(source)
+        self.picker = FeaturePicker(session)
+        self.dials = SteeringDials(session)
+        self.chat = ChatPanel(session)
+        self.norms = NormsPanel(session)
+        self.inspect = InspectPanel(session)
+        self._plots = plots
+        left = w.VBox([self.picker, self.dials], layout=w.Layout(width="38%", padding="0 12px 0 0"))
+        right = w.VBox([self.chat], layout=w.Layout(width="62%"))
+        children = [w.HBox([left, right], layout=w.Layout(width="100%"))]
+        if plots:
+            children += [self.norms, self.inspect]
+        super().__init__(session, children, **kwargs)
+        self.add_class("wb-workbench")
+        self.picker.on_pick(self.dials.add_feature)
+        self.inspect.on_add(self.dials.add_feature)
+        self.dials.observe(lambda ch: setattr(self.chat, "variant", ch["new"]), "variant")
+        self.chat.variant = self.dials.variant
+        self.chat.observe(self._on_turn, "turns")
+        self._spawn(self._name_dials())
+
+    @property
+    def panels(self) -> list[Panel]:
+        return [self.picker, self.dials, self.chat, self.norms, self.inspect]
+
+    async def _name_dials(self) -> None:
+        self.dials.set_model_name(await self.session.model_name())
+
+    def _on_turn(self, change) -> None:
+        if self._plots and self.chat.history["baseline"]:
+            self._spawn(self.refresh_plots())
+
+    async def refresh_plots(self) -> None:
+        """Recompute norms and inspection for the current conversation and dials."""
+        ivs = self.dials.variant.get_interventions()
+        steered = self.chat.messages("steered")
+        await asyncio.gather(self.norms.refresh(self.chat.messages("baseline"), steered, ivs),
+                             self.inspect.refresh(steered, ivs))
+
+    async def wait(self) -> None:
+        """Wait until every panel is idle (replies streamed, plots drawn)."""
+        for _ in range(3):  # a finished turn starts plot refreshes: settle twice
+            for panel in [self, *self.panels]:
+                await Panel.wait(panel)

@@ -1,0 +1,186 @@
+"""Figure builders: API results and DataFrames in, plotly figures out (the widgets use the same ones).
+
+Pure functions, no widgets: what a panel shows, plain code can build, save and put in a paper.
+Norm statistics leave out position 0 (the first token carries massive residual outliers) and
+use the median over a message's tokens by default, for the same reason.
+
+>>> r = client.features.norms(model="default", messages=chat)          # doctest: +SKIP
+>>> fig = wb.plots.layer_norms(r, by="role")                             # doctest: +SKIP
+>>> wb.plots.save(fig, "figures/norms.png")                               # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from .errors import ValidationError
+
+STATS = ("median", "mean", "max")
+# one colour per group (role / message), shared by its baseline and steered lines
+PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf",
+           "#ff7f0e")
+FORMATS = ("html", "png", "svg", "pdf", "json")
+
+
+def _go():
+    try:
+        import plotly.graph_objects as go
+    except ImportError as exc:  # plotly is an extra: pip install steering-workbench[widgets]
+        raise ImportError("plots need plotly: pip install 'steering-workbench[widgets]'") from exc
+    return go
+
+
+def norms_frame(norms) -> pd.DataFrame:
+    """A norms table as a DataFrame: accepts a ``NormsResponse``, a ``CaptureHandle`` or a DataFrame."""
+    if norms is None:
+        return pd.DataFrame(columns=["layer", "position", "token", "message_idx", "role", "norm"])
+    if hasattr(norms, "to_dataframe"):
+        return norms.to_dataframe()
+    if hasattr(norms, "norms") and callable(norms.norms):
+        return norms.norms()
+    if isinstance(norms, pd.DataFrame):
+        missing = {"layer", "message_idx", "role", "norm"} - set(norms.columns)
+        if missing:
+            raise ValidationError(f"a norms table needs the columns {sorted(missing)}")
+        return norms
+    raise ValidationError(f"expected a NormsResponse, CaptureHandle or DataFrame, got {type(norms).__name__}")
+
+
+def _stat(stat: str) -> str:
+    if stat not in STATS:
+        raise ValidationError(f"stat {stat!r} is not allowed; allowed: {list(STATS)}")
+    return stat
+
+
+def _select(df: pd.DataFrame, layers) -> pd.DataFrame:
+    if "position" in df.columns:
+        df = df[df.position > 0]
+    if layers is not None:
+        df = df[df.layer.isin(list(layers))]
+    return df
+
+
+def layer_table(norms, by: str = "role", stat: str = "median", layers=None) -> pd.DataFrame:
+    """Per layer and per group (``role`` or ``message``), the ``stat`` of the token norms."""
+    if by not in ("role", "message"):
+        raise ValidationError(f"by={by!r} is not allowed; allowed: ['role', 'message']")
+    df = _select(norms_frame(norms), layers)
+    if by == "message":
+        df = df.assign(group=[f"{m}: {r}" for m, r in zip(df.message_idx, df.role)])
+    else:
+        df = df.assign(group=df.role)
+    return df.groupby(["group", "layer"], sort=True).norm.agg(_stat(stat)).reset_index()
+
+
+def message_table(norms, stat: str = "median", layers=None) -> pd.DataFrame:
+    """Messages x layers: the ``stat`` of each message's token norms (rows ``"i: role"``)."""
+    df = _select(norms_frame(norms), layers)
+    table = df.groupby(["message_idx", "role", "layer"]).norm.agg(_stat(stat)).unstack("layer")
+    table.index = [f"{m}: {r}" for m, r in table.index]
+    return table
+
+
+def layer_norms(baseline=None, steered=None, by: str = "role", stat: str = "median", layers=None,
+                title: str | None = None):
+    """Lines of norm vs layer, one per role (or message); baseline dashed, steered solid."""
+    go = _go()
+    fig = go.Figure()
+    colours: dict = {}
+    for name, norms, dash in (("baseline", baseline, "dash"), ("steered", steered, "solid")):
+        if norms is None:
+            continue
+        table = layer_table(norms, by, stat, layers)
+        for group, rows in table.groupby("group", sort=True):
+            colour = colours.setdefault(group, PALETTE[len(colours) % len(PALETTE)])
+            fig.add_trace(go.Scatter(x=rows.layer.tolist(), y=rows.norm.tolist(), mode="lines+markers",
+                                     name=f"{name} · {group}", line={"dash": dash, "color": colour},
+                                     legendgroup=str(group),
+                                     meta={"variant": name, "group": str(group)}))
+    fig.update_layout(title=title or f"Residual norm per layer ({stat} over tokens)", xaxis_title="layer",
+                      yaxis_title=f"{stat} token norm", template="plotly_white", height=380,
+                      margin={"l": 60, "r": 20, "t": 50, "b": 50}, legend={"font": {"size": 10}})
+    return fig
+
+
+def message_heatmap(norms, stat: str = "median", layers=None, title: str | None = None, baseline=None):
+    """Messages x layers heatmap of norms; with ``baseline=``, the steered minus baseline difference."""
+    go = _go()
+    table = message_table(norms, stat, layers)
+    label = "norm"
+    if baseline is not None:
+        base = message_table(baseline, stat, layers)
+        table = table.subtract(base.reindex(index=table.index, columns=table.columns))
+        label = "Δ norm (steered − baseline)"
+    fig = go.Figure(go.Heatmap(z=table.to_numpy().tolist(), x=[int(c) for c in table.columns], y=list(table.index),
+                               colorscale="RdBu_r" if baseline is not None else "Viridis",
+                               zmid=0 if baseline is not None else None, colorbar={"title": {"text": label}}))
+    fig.update_layout(title=title or f"Per-message {label} ({stat} over tokens)", xaxis_title="layer",
+                      yaxis={"autorange": "reversed", "title": "message"}, template="plotly_white",
+                      height=max(240, 60 + 40 * len(table.index)), margin={"l": 110, "r": 20, "t": 50, "b": 50})
+    return fig
+
+
+def _inspection_pairs(result) -> list[tuple[str, float]]:
+    if hasattr(result, "features"):            # FeatureInspectionResponse
+        return [(x.feature.label, float(x.activation)) for x in result.features]
+    return [(getattr(f, "label", str(f)), float(a)) for f, a in result]
+
+
+def top_features(result, baseline=None, title: str | None = None):
+    """Horizontal bars of the most active features (an ``inspect`` result); ``baseline=`` overlays a second one."""
+    go = _go()
+    fig = go.Figure()
+    for name, res in (("baseline", baseline), ("steered" if baseline is not None else "activation", result)):
+        if res is None:
+            continue
+        pairs = _inspection_pairs(res)
+        fig.add_trace(go.Bar(x=[a for _, a in pairs][::-1], y=[lbl for lbl, _ in pairs][::-1], orientation="h",
+                             name=name))
+    fig.update_layout(title=title or "Top features in the conversation", xaxis_title="activation", barmode="group",
+                      template="plotly_white", height=max(260, 60 + 26 * max((len(t.y) for t in fig.data), default=1)),
+                      margin={"l": 220, "r": 20, "t": 50, "b": 50})
+    return fig
+
+
+def token_heatmap(table, highlight: str | None = None, title: str | None = None):
+    """Features x tokens heatmap of a ``token_activations`` result; ``highlight`` (a feature id) goes on top."""
+    go = _go()
+    feats = list(table.features)
+    rows = list(table.activations)
+    if highlight is not None:
+        order = sorted(range(len(feats)), key=lambda i: feats[i].id != highlight)
+        feats, rows = [feats[i] for i in order], [rows[i] for i in order]
+    ticks = [f"{i}:{t!r}"[:24] for i, t in enumerate(table.tokens)]
+    fig = go.Figure(go.Heatmap(z=rows, x=list(range(len(table.tokens))), y=[f.label for f in feats],
+                               customdata=[[t] * 1 for t in table.tokens], colorscale="Magma",
+                               hovertemplate="token %{x}<br>%{y}: %{z:.3f}<extra></extra>"))
+    fig.update_layout(title=title or "Feature activation per token", template="plotly_white",
+                      xaxis={"tickmode": "array", "tickvals": list(range(len(ticks))), "ticktext": ticks,
+                             "tickangle": -60, "tickfont": {"size": 9}},
+                      yaxis={"autorange": "reversed"}, height=max(260, 120 + 24 * len(feats)),
+                      margin={"l": 220, "r": 20, "t": 50, "b": 110})
+    return fig
+
+
+def save(fig, path, format: str | None = None, scale: float = 2.0) -> Path:
+    """Write ``fig`` as HTML (offline, plotly.js inlined), PNG, SVG, PDF or JSON, by suffix or ``format``.
+
+    Static images use kaleido, which drives a Chromium found on PATH (``BROWSER_PATH`` overrides);
+    HTML and JSON need no browser.
+    """
+    path = Path(path)
+    fmt = (format or path.suffix.lstrip(".")).lower()
+    if fmt not in FORMATS:
+        raise ValidationError(f"format {fmt!r} is not allowed; allowed: {list(FORMATS)}")
+    if path.suffix.lstrip(".").lower() != fmt:
+        path = path.with_suffix("." + fmt)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if fmt == "html":
+        fig.write_html(str(path), include_plotlyjs=True, full_html=True)
+    elif fmt == "json":
+        fig.write_json(str(path))
+    else:
+        fig.write_image(str(path), format=fmt, scale=scale)
+    return path
