@@ -2,7 +2,6 @@
 concurrent streams with different interventions, and client disconnects."""
 
 import asyncio
-import json
 import os
 import signal
 import subprocess

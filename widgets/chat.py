@@ -33,6 +33,7 @@ class ChatPanel(Panel):
 
     variant = traitlets.Instance(wb.Variant, allow_none=True)
     turns = traitlets.Int(0)
+    busy = traitlets.Bool(False)     # True while replies stream
 
     def __init__(self, source, variant=None, max_tokens: int = 128, **kwargs):
         self.message = w.Textarea(placeholder="Message (Shift+Enter in the box adds a line)", rows=2,
@@ -159,6 +160,7 @@ class ChatPanel(Panel):
         started = time.perf_counter()
         self.timing = {"started": started}
         self._active = set(columns)
+        self.busy = True
         self.stop_button.disabled, self.regenerate_button.disabled = False, True
         self.status.value = "streaming…"
         self.show_error(None)
@@ -175,6 +177,7 @@ class ChatPanel(Panel):
             raise
         finally:
             self.stop_button.disabled, self.regenerate_button.disabled = True, False
+            self.busy = False
             self.turns += 1
 
     async def _one(self, column: str, name: str, started: float) -> None:

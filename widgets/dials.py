@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import html
+
 import ipywidgets as w
 import traitlets
 
@@ -20,14 +22,16 @@ class _Row:
         self.item = item
         self.slider = w.FloatSlider(value=strength, min=STRENGTH_RANGE[0], max=STRENGTH_RANGE[1], step=0.05,
                                     description="strength", continuous_update=False, readout_format=".2f",
-                                    layout=w.Layout(width="340px"))
+                                    layout=w.Layout(flex="1 1 auto", min_width="280px"))
         self.slider.add_class("wb-strength")
-        self.mode = w.ToggleButtons(options=["add", "clamp"], value=mode, style={"button_width": "56px"})
+        self.mode = w.Dropdown(options=["add", "clamp"], value=mode, layout=w.Layout(width="80px"))
         self.remove = w.Button(icon="times", tooltip="remove", layout=w.Layout(width="36px"))
         self.remove.add_class("wb-remove")
-        label = w.HTML(f"<b>{item.label}</b><br><small>layer {item.layer} · #{item.index_in_sae}</small>",
-                       layout=w.Layout(width="220px"))
-        self.box = w.HBox([label, self.slider, self.mode, self.remove])
+        short = item.label.split(":")[0]
+        label = w.HTML(f"<b title='{html.escape(item.label, quote=True)}'>{html.escape(short)}</b>"
+                       f" <small>· layer {item.layer} · #{item.index_in_sae}</small>")
+        self.box = w.VBox([label, w.HBox([self.slider, self.mode, self.remove], layout=w.Layout(width="100%"))],
+                          layout=w.Layout(border_bottom="1px solid #eee", padding="2px 0"))
         self.box.add_class("wb-dial")
         self.slider.observe(lambda _: on_change(), "value")
         self.mode.observe(lambda _: on_change(), "value")

@@ -13,7 +13,7 @@ from workbench import plots
 
 def figure_widget() -> go.FigureWidget:
     fig = go.FigureWidget()
-    fig.update_layout(template="plotly_white", height=320)
+    fig.update_layout(height=320, paper_bgcolor="white", plot_bgcolor="white")
     return fig
 
 

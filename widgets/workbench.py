@@ -37,9 +37,12 @@ class Workbench(Panel):
         self.norms = NormsPanel(session)
         self.inspect = InspectPanel(session)
         self._plots = plots
+        self.status = w.HTML("")
+        self.status.add_class("wb-status")
+        self._refresh = None
         left = w.VBox([self.picker, self.dials], layout=w.Layout(width="38%", padding="0 12px 0 0"))
         right = w.VBox([self.chat], layout=w.Layout(width="62%"))
-        children = [w.HBox([left, right], layout=w.Layout(width="100%"))]
+        children = [w.HBox([left, right], layout=w.Layout(width="100%")), self.status]
         if plots:
             children += [self.norms, self.inspect]
         super().__init__(session, children, **kwargs)
@@ -49,6 +52,7 @@ class Workbench(Panel):
         self.dials.observe(lambda ch: setattr(self.chat, "variant", ch["new"]), "variant")
         self.chat.variant = self.dials.variant
         self.chat.observe(self._on_turn, "turns")
+        self.chat.observe(self._on_busy, "busy")
         self._spawn(self._name_dials())
 
     @property
@@ -59,15 +63,27 @@ class Workbench(Panel):
         self.dials.set_model_name(await self.session.model_name())
 
     def _on_turn(self, change) -> None:
-        if self._plots and self.chat.history["baseline"]:
-            self._spawn(self.refresh_plots())
+        if self._plots and self.chat.history["baseline"] and not self.chat.busy:
+            self._cancel_refresh()
+            self._refresh = self._spawn(self.refresh_plots())
+
+    def _on_busy(self, change) -> None:
+        if change["new"]:   # a new reply streams: stale plot work must not delay its tokens
+            self._cancel_refresh()
+
+    def _cancel_refresh(self) -> None:
+        if self._refresh is not None and not self._refresh.done():
+            self._refresh.cancel()
+            self.status.value = ""
 
     async def refresh_plots(self) -> None:
         """Recompute norms and inspection for the current conversation and dials."""
         ivs = self.dials.variant.get_interventions()
         steered = self.chat.messages("steered")
+        self.status.value = "<i>updating plots…</i>"
         await asyncio.gather(self.norms.refresh(self.chat.messages("baseline"), steered, ivs),
                              self.inspect.refresh(steered, ivs))
+        self.status.value = "<span class='wb-plots-ready'>plots up to date</span>"
 
     async def wait(self) -> None:
         """Wait until every panel is idle (replies streamed, plots drawn)."""

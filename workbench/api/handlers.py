@@ -163,9 +163,10 @@ class Service:
                                             chat_options={"add_generation_prompt": False})
         df = handle.norms()
         handle.close()
-        rows = [s.NormRow(layer=int(r.layer), position=int(r.position), token=str(r.token), message_idx=int(r.message_idx),
-                          role=str(r.role), norm=float(r.norm)) for r in df.itertuples()]
-        return s.NormsResponse(**self._meta("norms"), model=name, rows=rows,
+        return s.NormsResponse(**self._meta("norms"), model=name, layer=df.layer.astype(int).tolist(),
+                               position=df.position.astype(int).tolist(), token=df.token.astype(str).tolist(),
+                               message_idx=df.message_idx.astype(int).tolist(), role=df.role.astype(str).tolist(),
+                               norm=df.norm.astype(float).tolist(),
                                usage=s.Usage(total_tokens=len(handle.prompt_token_ids)))
 
     async def models(self) -> s.ModelList:

@@ -248,29 +248,26 @@ class TokenActivationsResponse(_Body):
         return pd.DataFrame(rows, columns=["feature_id", "label", "position", "token", "message_idx", "activation"])
 
 
-class NormRow(_Body):
-    layer: int
-    position: int
-    token: str
-    message_idx: int
-    role: str
-    norm: float
-
-
 class NormsResponse(_Body):
+    """Columns of a long-form table, one entry per (layer, token): compact on the wire, fast to parse."""
+
     id: str
     object: Literal["activation.norms"] = "activation.norms"
     created: int
     model: str
-    rows: list[NormRow]
+    layer: list[int]
+    position: list[int]
+    token: list[str]
+    message_idx: list[int]
+    role: list[str]
+    norm: list[float]
     usage: Usage
 
     def to_dataframe(self):
-        """The rows as a pandas DataFrame (long form: layer, position, token, message_idx, role, norm)."""
+        """The table as a pandas DataFrame (long form: layer, position, token, message_idx, role, norm)."""
         import pandas as pd
 
-        return pd.DataFrame([r.model_dump() for r in self.rows],
-                            columns=["layer", "position", "token", "message_idx", "role", "norm"])
+        return pd.DataFrame({c: getattr(self, c) for c in ("layer", "position", "token", "message_idx", "role", "norm")})
 
 
 class ModelCard(_Body):
