@@ -40,16 +40,23 @@ def _workdir(tmp: Path) -> Path:
 
 
 def _start(cmd, cwd, env, url, timeout=120) -> subprocess.Popen:
+    """Start a server; ready when ``url`` answers (or, for ``url=None``, when its port accepts connections)."""
+    import socket
+
     proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True)
+    port = int(next(a for a in cmd if a.startswith("--port=")).split("=")[1])
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"{cmd[0]} exited: {proc.stdout.read().decode()[-3000:]}")
         try:
+            if url is None:
+                socket.create_connection(("127.0.0.1", port), timeout=2).close()
+                return proc
             if httpx.get(url, timeout=2).status_code < 500:
                 return proc
-        except httpx.HTTPError:
+        except (httpx.HTTPError, OSError):
             pass
         time.sleep(0.5)
     stop_process(proc)
@@ -122,6 +129,11 @@ def _drag_slider(page, selector: str, dx: float) -> None:
     page.mouse.up()
 
 
+def _assert_no_widget_errors(page) -> None:
+    for text in ("Error displaying widget", "Click to show javascript error", "Failed to load model class"):
+        assert page.get_by_text(text).count() == 0, f"a widget failed to render: {text!r}"
+
+
 def _plot_traces(page, panel: str) -> int:
     return page.locator(f"{panel} .js-plotly-plot .scatterlayer .trace").count()
 
@@ -140,6 +152,7 @@ def test_quickstart_workbench_in_jupyterlab(lab, browser):
         raise
     page.locator(".wb-picker").first.scroll_into_view_if_needed()
     page.locator(".wb-picker").first.screenshot(path=str(ARTIFACTS / "lab-1-workbench.png"))
+    _assert_no_widget_errors(page)
 
     # type into the search box, pick the top result
     search.click()
@@ -191,22 +204,22 @@ def test_quickstart_workbench_in_jupyterlab(lab, browser):
         window.__wbChanges = [];
         new MutationObserver(() => window.__wbChanges.push([performance.now(), box.textContent]))
             .observe(box, {childList: true, characterData: true, subtree: true});
+        document.addEventListener('mouseup', () => { window.__wbUp = performance.now(); }, true);
     }""")
     page.locator(".wb-dial").first.scroll_into_view_if_needed()
     for dx in (-4, 4, -4, 4, -4):
         page.wait_for_selector(".wb-chat .wb-stop[disabled]", timeout=180_000)
         page.locator(".wb-plots-ready").first.wait_for(timeout=180_000)   # as a researcher would: plots drawn
         page.evaluate("() => { window.__wbChanges = []; }")
+        old_len = len(_text(page, ".wb-stream-steered"))
         _drag_slider(page, ".wb-dial .wb-strength", dx)
-        t0 = page.evaluate("() => performance.now()")
-        page.wait_for_function("""(t0) => {
-            const c = window.__wbChanges.filter(x => x[0] >= t0);
-            const cut = c.findIndex(x => x[1].endsWith('Assistant: '));
-            return cut >= 0 && c.slice(cut + 1).some(x => !x[1].endsWith('Assistant: '));
-        }""", arg=t0, timeout=60_000)
+        t0 = page.evaluate("() => window.__wbUp")     # the moment the slider was released
+        # the reply is cut back, then the first new token shows; both may land in one DOM update
+        page.wait_for_function("""([t0, oldLen]) => window.__wbChanges.some(
+            x => x[0] >= t0 && x[1].length < oldLen && !x[1].endsWith('Assistant: '))""", arg=[t0, old_len],
+            timeout=60_000)
         changes = page.evaluate("(t0) => window.__wbChanges.filter(x => x[0] >= t0)", t0)
-        cut = next(j for j, c in enumerate(changes) if c[1].endswith("Assistant: "))
-        first = next(c[0] for c in changes[cut + 1:] if not c[1].endswith("Assistant: "))
+        first = next(c[0] for c in changes if len(c[1]) < old_len and not c[1].endswith("Assistant: "))
         latencies.append(first - t0)
     page.wait_for_selector(".wb-chat .wb-stop[disabled]", timeout=180_000)
     page.wait_for_function("() => document.querySelectorAll('.wb-norms .js-plotly-plot .scatterlayer .trace').length > 0")
@@ -222,6 +235,7 @@ def test_quickstart_workbench_in_jupyterlab(lab, browser):
                            timeout=60_000)
     assert _plot_traces(page, ".wb-norms") >= 2
     assert len(_reply(page, "steered")) > 20 and len(_reply(page, "baseline")) > 20
+    _assert_no_widget_errors(page)
     page.locator(".wb-norms").first.scroll_into_view_if_needed()
     page.locator(".wb-norms").first.screenshot(path=str(ARTIFACTS / "lab-4-after-reload.png"))
     page.close()
@@ -232,7 +246,7 @@ def test_quickstart_renders_in_voila(browser, tmp_path_factory):
     port = free_port()
     cmd = [str(Path(sys.executable).parent / "voila"), "notebooks/01_quickstart.ipynb", "--no-browser",
            f"--port={port}", "--Voila.ip=127.0.0.1", "--ServerApp.ip=127.0.0.1"]
-    proc = _start(cmd, tmp, _env(tmp), f"http://127.0.0.1:{port}/")
+    proc = _start(cmd, tmp, _env(tmp), None)   # Voila runs the whole notebook before its page answers
     try:
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         page.set_default_timeout(60_000)
@@ -245,6 +259,8 @@ def test_quickstart_renders_in_voila(browser, tmp_path_factory):
         page.wait_for_function("() => document.querySelectorAll('.wb-norms .js-plotly-plot .scatterlayer .trace').length > 0",
                                timeout=180_000)
         page.screenshot(path=str(ARTIFACTS / "voila.png"), full_page=True)
+        _assert_no_widget_errors(page)
+        assert page.locator(".wb-dials input[type='checkbox']").count() == 1
         assert "STEERED" in page.content()   # the notebook's own printed output is there too
         page.close()
     finally:

@@ -70,6 +70,8 @@ async def test_pirate_flow_fills_both_columns_plots_and_exports(source, tmp_path
     # the synced state a page reload renders from holds the current data, not the first (empty) figure
     assert len(bench.norms.layer_figure._widget_data) == len(bench.norms.layer_figure.data) > 0
     assert bench.inspect.items and len(bench.inspect.token_figure.data[0].z) == len(bench.inspect.items)
+    # panels keep ipywidgets' own model/view class names (a browser or Voila builds them from these)
+    assert {(p._model_name, p._view_name) for p in [bench, *bench.panels]} == {("VBoxModel", "VBoxView")}
     written = bench.norms.export.save(tmp_path / "norms", "png") + bench.norms.export.save(tmp_path / "norms", "html")
     for path in written:
         assert path.stat().st_size > 5000, path

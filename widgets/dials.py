@@ -65,12 +65,12 @@ class SteeringDials(Panel):
         super().__init__(source, [w.HBox([w.HTML("<b>Steering</b>&nbsp;&nbsp;"), self.enabled]),
                                   self.rows_box, self.summary], **kwargs)
         self.add_class("wb-dials")
-        self._model_name = model_name or getattr(self.session, "_name", None) or "default"
+        self._served_name = model_name or getattr(self.session, "_name", None) or "default"
         self.enabled.observe(lambda _: self._changed(), "value")
-        self.variant = wb.Variant(self._model_name)
+        self.variant = wb.Variant(self._served_name)
 
     def set_model_name(self, name: str) -> None:
-        self._model_name = name
+        self._served_name = name
         self._changed()
 
     def add_feature(self, item, strength: float = DEFAULT_STRENGTH, mode: str = "add") -> None:
@@ -106,7 +106,7 @@ class SteeringDials(Panel):
         self._callbacks.append(fn)
 
     def _build(self) -> wb.Variant:
-        variant = wb.Variant(self._model_name)
+        variant = wb.Variant(self._served_name)
         if self.enabled.value:
             for r in self._rows:
                 if r.slider.value != 0.0:

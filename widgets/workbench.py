@@ -70,6 +70,7 @@ class Workbench(Panel):
     def _on_busy(self, change) -> None:
         if change["new"]:   # a new reply streams: stale plot work must not delay its tokens
             self._cancel_refresh()
+            self.status.value = "<i>streaming…</i>"
 
     def _cancel_refresh(self) -> None:
         if self._refresh is not None and not self._refresh.done():
