@@ -252,3 +252,26 @@ def test_stream_text_state():
     view.truncate(4)
     view.flush()
     assert view.text == "Ahoy"
+
+
+async def test_a_raw_vector_added_in_code_gets_a_dial(default_model):
+    """A direction registered in code is searchable and steers through the dials in strength units."""
+    pirate = default_model.features["concept/pirate"]
+    f = await default_model.features.add_vector("pirate copy", pirate.direction * 7.0, layer=pirate.layer)
+    try:
+        assert f.id.startswith("vector/") and abs(float(f.direction.norm()) - 1) < 1e-5 and f.scale > 10
+        assert f.id in [x.id for x in default_model.features.search("pirate copy", top_k=5)]
+        dials = SteeringDials(default_model)
+        chat = ChatPanel(default_model, max_tokens=24)
+        dials.add_feature(f, strength=0.4)
+        chat.variant = dials.variant
+        chat.send(TOKYO)
+        await chat.wait()
+        spec = wb.SteeringSpec(layers={f.layer: [wb.AddSpec(f.direction * (0.4 * f.scale))]})
+        [ref] = await default_model.chat([{"role": "user", "content": TOKYO}],
+                                         wb.SamplingParams(temperature=0.0, max_tokens=24, seed=0), steering=spec)
+        assert chat.history["steered"][-1]["content"] == ref.generated != chat.history["baseline"][-1]["content"]
+        with pytest.raises(wb.ValidationError, match="hidden size"):
+            await default_model.features.add_vector("bad", [1.0, 2.0], layer=3)
+    finally:
+        default_model.features.remove(f.id)

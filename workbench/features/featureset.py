@@ -219,6 +219,34 @@ class FeatureSet:
             feature.id = f"{feature.id}-{len(self)}"
         return self.add(feature)
 
+    async def add_vector(self, label: str, vector, layer: int, scale: float | None = None,
+                         feature_id: str | None = None) -> Feature:
+        """Add a raw direction as a feature, so search, the dials and Variants steer it in strength units.
+
+        ``scale`` (what strength 1 adds) defaults to the median per-token residual norm at ``layer``
+        on the library's neutral sentences, as for concepts.
+
+        >>> f = await model.features.add_vector("my direction", v, layer=6)   # doctest: +SKIP
+        >>> wb.Variant("default").set(f, strength=0.4)                        # doctest: +SKIP
+        """
+        from .concepts import _slug, example_stats, library_data
+
+        model = self._model()
+        layer = model.check_layer(layer)
+        if not isinstance(label, str) or not label.strip():
+            raise ValidationError(f"a vector feature needs a non-empty label, got {label!r}")
+        v = torch.as_tensor(vector, dtype=torch.float32).detach().cpu().flatten()
+        if v.numel() != model.hidden_size:
+            raise ValidationError(f"vector has {v.numel()} entries; this model's hidden size is {model.hidden_size}")
+        if not bool(torch.isfinite(v).all()) or float(v.norm()) == 0.0:
+            raise ValidationError("vector must be finite and non-zero")
+        if scale is None:
+            _, _, norms = await example_stats(model, library_data()["neutral"], [layer])
+            scale = float(norms[0].median())
+        return self.add(Feature(id=feature_id or f"vector/{_slug(label)}", label=label, layer=layer,
+                                index_in_sae=max([f.index_in_sae for f in self._features], default=-1) + 1,
+                                direction=v / v.norm(), scale=float(scale), kind="vector"))
+
     async def inspect(self, messages, top_k: int = 10, aggregation_method: str = "mean", interventions=None):
         """The most active features over a conversation: ``[(Feature, activation)]``."""
         from . import inspection
