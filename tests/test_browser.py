@@ -94,12 +94,16 @@ def lab(tmp_path_factory):
     stop_process(proc)
 
 
+def _menu_click(page, menu: str, item: str) -> None:
+    page.locator(".lm-MenuBar-itemLabel", has_text=menu).first.click()
+    page.locator(".lm-Menu-itemLabel").get_by_text(item, exact=True).first.click()
+
+
 def _run_all(page) -> None:
     """Run > Run All Cells, once the kernel is idle; retried until the first cell is queued or ran."""
     page.get_by_text("| Idle").first.wait_for(timeout=120_000)
     for _ in range(5):
-        page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
-        page.locator(".lm-Menu-itemLabel").get_by_text("Run All Cells", exact=True).first.click()
+        _menu_click(page, "Run", "Run All Cells")
         try:
             page.wait_for_function("() => [...document.querySelectorAll('.jp-InputPrompt')]"
                                    ".some(p => /\\[(\\*|\\d+)\\]/.test(p.textContent))", timeout=10_000)
@@ -196,6 +200,7 @@ def test_quickstart_workbench_in_jupyterlab(lab, browser):
     assert final[0] != final[1]
     page.locator(".wb-norms").first.scroll_into_view_if_needed()
     page.locator(".wb-norms").first.screenshot(path=str(ARTIFACTS / "lab-3-norms.png"))
+    page.locator(".wb-workbench").first.screenshot(path=str(ARTIFACTS / "workbench.png"))   # the README's picture
 
     # slider -> first steered token on screen (auto-regenerate); measured, reported, not asserted
     latencies = []
@@ -227,8 +232,11 @@ def test_quickstart_workbench_in_jupyterlab(lab, browser):
         {"slider_to_first_steered_token_ms": latencies, "median_ms": statistics.median(latencies)}, indent=1))
     print(f"\nslider -> first steered token on screen: median {statistics.median(latencies):.0f} ms, {latencies}")
 
-    # after a reload the plot still shows its data, and the streamed text is back
-    time.sleep(2.0)
+    # save (as a researcher would; otherwise Lab reloads the file without outputs), reload: the plot
+    # still shows its data and the streamed text is back, rebuilt from the live kernel's widget state
+    page.locator(".jp-Notebook").first.click(position={"x": 5, "y": 5})
+    _menu_click(page, "File", "Save Notebook")
+    page.wait_for_function("() => !document.querySelector('.lm-TabBar-tab.jp-mod-dirty')", timeout=60_000)
     page.reload()
     page.locator(".wb-norms .js-plotly-plot").first.wait_for(timeout=120_000)
     page.wait_for_function("() => document.querySelectorAll('.wb-norms .js-plotly-plot .scatterlayer .trace').length > 0",

@@ -27,3 +27,17 @@ def test_notebook_runs(path, tmp_path):
     if path.name == "01_quickstart.ipynb":
         assert "BASELINE:" in text and "STEERED :" in text
         assert (tmp_path / "outputs" / "pirate.safetensors").is_file()
+        views = [o for o in nb.cells[-1].outputs if "application/vnd.jupyter.widget-view+json" in o.get("data", {})]
+        assert views, "the Workbench cell shows no widget view"
+    if path.name == "03_activation_capture.ipynb":
+        for name in ("norms_by_layer", "norms_by_message"):
+            for suffix, least in (("png", 10_000), ("svg", 5_000), ("html", 1_000_000)):
+                assert (tmp_path / "figures" / f"{name}.{suffix}").stat().st_size > least, (name, suffix)
+        svg = (tmp_path / "figures" / "norms_by_layer.svg").read_text()
+        # baseline and steered lines for each role (system, user, assistant): six drawn traces
+        assert svg.count('class="trace scatter') == 6 and "steered · assistant" in svg
+        assert (tmp_path / "figures" / "norms_by_message.svg").read_text().count("heatmap") >= 1
+    if path.name == "04_features.ipynb":
+        assert (tmp_path / "figures" / "pirate_sweep.html").stat().st_size > 1_000_000
+    if path.name == "05_scale_out.ipynb":
+        assert "steered requests" in text and "tok/s" in text

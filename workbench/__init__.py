@@ -16,6 +16,7 @@ from .errors import (
 from .features import SAE, Feature, FeatureSet, InterventionSpec, Variant
 from .models import resolve_model
 from .sampling import SamplingParams
+from .sweep import strength_sweep
 from .steering import AblationSpec, AddSpec, LayerSteeringSpec, ProjectionCapSpec, SAEClampSpec, SteeringSpec
 
 __version__ = "0.1.0"
@@ -25,5 +26,5 @@ __all__ = [
     "EngineError", "LayerOutOfRangeError", "LayerSteeringSpec", "MessageBoundary", "ModelNotFoundError",
     "ProjectionCapSpec", "PromptTooLongError", "SAEClampSpec", "SamplingParams", "SteerModel", "SteeringSpec",
     "SteeringStackEmptyError", "StreamChunk", "ValidationError", "VectorError", "WorkbenchError", "load",
-    "resolve_model",
+    "resolve_model", "strength_sweep",
 ]

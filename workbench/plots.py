@@ -6,7 +6,7 @@ use the median over a message's tokens by default, for the same reason.
 
 >>> r = client.features.norms(model="default", messages=chat)          # doctest: +SKIP
 >>> fig = wb.plots.layer_norms(r, by="role")                             # doctest: +SKIP
->>> wb.plots.save(fig, "figures/norms.png")                               # doctest: +SKIP
+>>> wb.plots.export(fig, "figures/norms.png")                               # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -174,7 +174,48 @@ def token_heatmap(table, highlight: str | None = None, title: str | None = None)
     return _style(fig)
 
 
-def save(fig, path, format: str | None = None, scale: float = 2.0) -> Path:
+def strength_sweep(sweep, concept: str = "activation", title: str | None = None):
+    """Layers x strengths heatmaps of a ``wb.strength_sweep`` table: the concept measure and the KL side effect.
+
+    ``concept`` is the column shown on the left (``"activation"``, the feature's own, or ``"score"``,
+    yours); hovering a cell shows its text sample.
+    """
+    go = _go()
+    from plotly.subplots import make_subplots
+
+    if concept not in ("activation", "score"):
+        raise ValidationError(f"concept={concept!r} is not allowed; allowed: ['activation', 'score']")
+    df = sweep.sort_values(["layer", "strength"])
+    layers = sorted(df.layer.unique().tolist())
+    strengths = sorted(df.strength.unique().tolist())
+
+    def grid(column):
+        return [[float(df[(df.layer == l) & (df.strength == s)][column].iloc[0]) for s in strengths] for l in layers]
+
+    def hover(l, s):
+        row = df[(df.layer == l) & (df.strength == s)].iloc[0]
+        text = str(row.text).replace("\n", " ")
+        wrapped = "<br>".join(text[i:i + 60] for i in range(0, min(len(text), 240), 60))
+        return f"layer {l}, strength {s:g}<br>{concept} {row[concept]:.3g} · KL {row.kl:.3g} nats<br><i>{wrapped}</i>"
+
+    texts = [[hover(l, s) for s in strengths] for l in layers]
+    fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.24,
+                        subplot_titles=(f"concept: {concept}", "side effect: KL to baseline (nats)"))
+    x = [f"{s:g}" for s in strengths]
+    y = [str(l) for l in layers]
+    fig.add_trace(go.Heatmap(z=grid(concept), x=x, y=y, text=texts, hoverinfo="text", colorscale="Viridis",
+                             colorbar={"x": 0.39, "thickness": 14, "title": {"text": concept}}, name=concept), 1, 1)
+    fig.add_trace(go.Heatmap(z=grid("kl"), x=x, y=y, text=texts, hoverinfo="text", colorscale="Inferno",
+                             colorbar={"thickness": 14, "title": {"text": "KL"}}, name="kl"), 1, 2)
+    for col in (1, 2):
+        fig.update_xaxes(title_text="strength (× median residual norm)", row=1, col=col)
+        fig.update_yaxes(title_text="layer", row=1, col=col)
+    fig.update_layout(title=title or "Strength sweep", height=max(300, 140 + 50 * len(layers)),
+                      margin={"l": 60, "r": 20, "t": 80, "b": 60})
+    return _style(fig)
+
+
+def export(fig, path, format: str | None = None, scale: float = 2.0) -> Path:
     """Write ``fig`` as HTML (offline, plotly.js inlined), PNG, SVG, PDF or JSON, by suffix or ``format``.
 
     Static images use kaleido, which drives a Chromium found on PATH (``BROWSER_PATH`` overrides);
@@ -194,3 +235,6 @@ def save(fig, path, format: str | None = None, scale: float = 2.0) -> Path:
     else:
         fig.write_image(str(path), format=fmt, scale=scale)
     return path
+
+
+save = export   # the name the panels' export rows use
