@@ -114,6 +114,26 @@ async def test_token_activations_route_agrees_with_activations(client):
         await client.features.token_activations(model="default", messages=chat, features=["concept/nope"])
 
 
+async def test_a_raw_steering_spec_rides_along_with_interventions(client, default_model):
+    """The workbench extension ``steering`` (a SteeringSpec dict) applies after the interventions."""
+    pirate = default_model.features["concept/pirate"]
+    extra = wb.SteeringSpec(layers={3: [wb.AblationSpec(pirate.direction, scale=0.0)],
+                                    pirate.layer: [wb.ProjectionCapSpec(pirate.direction, max=0.2 * pirate.scale)]})
+    variant = wb.Variant("default").set(pirate, strength=0.5).add_spec(extra)
+    r = await client.chat.completions.create(model=variant, messages=HELLO, max_completion_tokens=16, temperature=0.0)
+    [direct] = await default_model.chat(HELLO, wb.SamplingParams(temperature=0.0, max_tokens=16), steering=variant)
+    [only_ivs] = await default_model.chat(HELLO, wb.SamplingParams(temperature=0.0, max_tokens=16),
+                                          steering=wb.Variant("default").set(pirate, strength=0.5))
+    assert r.choices[0].message.content == direct.generated != only_ivs.generated
+    norms = await client.features.norms(HELLO, model=variant, layers=[pirate.layer])
+    _, [h] = await default_model.chat(HELLO, wb.SamplingParams(max_tokens=1), capture_layers=[pirate.layer],
+                                      steering=variant, chat_options={"add_generation_prompt": False})
+    assert abs(norms.to_dataframe().norm.max() - float(h.hidden(pirate.layer).norm(dim=-1).max())) < 1e-2
+    with pytest.raises(wb.APIValidationError, match="hidden size"):
+        await client.chat.completions.create(model="default", messages=HELLO, max_completion_tokens=2,
+                                             steering={"layers": {"3": [{"type": "add", "vector": [1.0, 2.0]}]}})
+
+
 def test_sdk_requests_parse_into_our_schemas():
     req = sdk.ChatCompletionRequest(model=LLAMA, messages=[sdk.ChatMessage(role="user", content="hi")],
                                     interventions=[sdk.InterventionSpec(index_in_sae=3, strength=0.5)])

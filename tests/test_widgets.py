@@ -275,3 +275,29 @@ async def test_a_raw_vector_added_in_code_gets_a_dial(default_model):
             await default_model.features.add_vector("bad", [1.0, 2.0], layer=3)
     finally:
         default_model.features.remove(f.id)
+
+
+async def test_a_spec_added_in_code_gets_a_dial_that_scales_its_add_ops(default_model, http_server):
+    """A raw SteeringSpec row: its slider multiplies the adds; the same over HTTP as in-process."""
+    pirate = default_model.features["concept/pirate"]
+    u = pirate.direction
+    spec = wb.SteeringSpec(layers={pirate.layer: [wb.AddSpec(u * pirate.scale, scale=0.5),
+                                                  wb.ProjectionCapSpec(u, max=0.6 * pirate.scale)]})
+    replies = []
+    for source in (default_model, wb.Client(base_url=http_server)):
+        dials = SteeringDials(source)
+        chat = ChatPanel(source, max_tokens=20)
+        dials.observe(lambda ch, chat=chat: setattr(chat, "variant", ch["new"]), "variant")
+        dials.add_spec("pirate by hand", spec, strength=0.8)
+        assert dials.variant.spec is not None and dials.variant.interventions == []
+        chat.send(TOKYO)
+        await chat.wait()
+        assert chat.error.value == ""
+        replies.append(chat.history["steered"][-1]["content"])
+    expected = wb.SteeringSpec(layers={pirate.layer: [wb.AddSpec(u * pirate.scale, scale=0.4),
+                                                      wb.ProjectionCapSpec(u, max=0.6 * pirate.scale)]})
+    [ref] = await default_model.chat([{"role": "user", "content": TOKYO}],
+                                     wb.SamplingParams(temperature=0.0, max_tokens=20, seed=0), steering=expected)
+    assert replies == [ref.generated, ref.generated]
+    dials.slider("spec/pirate by hand").value = 0.0          # off: no spec at all
+    assert dials.variant.spec is None

@@ -189,9 +189,10 @@ class ChatPanel(Panel):
             view.append(prefill)
         reply, count = prefill, 0
         ivs = _interventions(self.variant) if column == "steered" else []
+        spec = getattr(self.variant, "spec", None) if column == "steered" else None
         try:
             stream = self.client.chat.completions.create_stream(
-                model=name, messages=messages, interventions=ivs or None, temperature=self.temperature.value,
+                model=name, messages=messages, interventions=ivs or None, steering=spec, temperature=self.temperature.value,
                 max_completion_tokens=self.max_tokens.value, seed=self.seed.value, continue_final_message=bool(prefill))
             async for chunk in stream:
                 if chunk.choices and chunk.choices[0].finish_reason:

@@ -42,6 +42,39 @@ class _Row:
         return self.item.id
 
 
+class _SpecRow:
+    """A raw SteeringSpec added in code: its slider scales the spec's add ops (0 switches it off)."""
+
+    def __init__(self, label: str, spec, strength: float, on_change, on_remove):
+        self.label, self.spec = label, spec
+        self.slider = w.FloatSlider(value=strength, min=0.0, max=2.0, step=0.05, description="× spec",
+                                    continuous_update=False, readout_format=".2f",
+                                    layout=w.Layout(flex="1 1 auto", min_width="280px"))
+        self.slider.add_class("wb-strength")
+        self.remove = w.Button(icon="times", tooltip="remove", layout=w.Layout(width="36px"))
+        layers = ", ".join(map(str, spec.layer_indices()))
+        self.box = w.VBox([w.HTML(f"<b>{html.escape(label)}</b> <small>· spec on layers {layers}</small>"),
+                           w.HBox([self.slider, self.remove], layout=w.Layout(width="100%"))],
+                          layout=w.Layout(border_bottom="1px solid #eee", padding="2px 0"))
+        self.box.add_class("wb-dial")
+        self.slider.observe(lambda _: on_change(), "value")
+        self.remove.on_click(lambda _: on_remove(self))
+
+    @property
+    def key(self):
+        return "spec/" + self.label
+
+    def scaled(self):
+        """The spec with every AddSpec's scale multiplied by the slider (caps and ablations as given)."""
+        m = self.slider.value
+        layers = {}
+        for layer in self.spec.layer_indices():
+            ops = [wb.AddSpec(op.vector, scale=op.scale * m) if isinstance(op, wb.AddSpec) else op
+                   for op in self.spec.layers[layer].operations]
+            layers[layer] = wb.LayerSteeringSpec(operations=ops)
+        return wb.SteeringSpec(layers=layers)
+
+
 class SteeringDials(Panel):
     """Strength dials for picked features; ``variant`` (a traitlet) is the resulting ``wb.Variant``.
 
@@ -83,6 +116,18 @@ class SteeringDials(Panel):
         self.rows_box.children = [r.box for r in self._rows]
         self._changed()
 
+    def add_spec(self, label: str, spec, strength: float = 1.0) -> None:
+        """Add a row for a raw ``SteeringSpec`` built in code; its slider multiplies the spec's add ops.
+
+        >>> dials.add_spec("my vector", wb.SteeringSpec(layers={6: [wb.AddSpec(v)]}))   # doctest: +SKIP
+        """
+        if not isinstance(spec, wb.SteeringSpec):
+            raise wb.ValidationError(f"add_spec takes a SteeringSpec, got {type(spec).__name__}")
+        self.remove("spec/" + label)
+        self._rows.append(_SpecRow(label, spec, strength, self._changed, self.remove))
+        self.rows_box.children = [r.box for r in self._rows]
+        self._changed()
+
     def remove(self, row_or_id) -> None:
         key = getattr(row_or_id, "key", row_or_id)
         self._rows = [r for r in self._rows if r.key != key]
@@ -109,14 +154,18 @@ class SteeringDials(Panel):
         variant = wb.Variant(self._served_name)
         if self.enabled.value:
             for r in self._rows:
-                if r.slider.value != 0.0:
+                if r.slider.value == 0.0:
+                    continue
+                if isinstance(r, _SpecRow):
+                    variant.add_spec(r.scaled())
+                else:
                     variant.set(r.item, strength=r.slider.value, mode=r.mode.value)
         return variant
 
     def _changed(self) -> None:
         variant = self._build()
         self.variant = variant
-        n = len(variant.interventions)
+        n = len(variant.interventions) + sum(isinstance(r, _SpecRow) and r.slider.value != 0 for r in self._rows)
         self.summary.value = ("<i>steering off</i>" if not self.enabled.value else
                               f"{n} active intervention{'s' * (n != 1)}" if self._rows else
                               "<i>no features yet: pick some in the search panel</i>")

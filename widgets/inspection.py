@@ -33,7 +33,7 @@ class InspectPanel(Panel):
         self.status = w.HTML("<i>send a message to inspect it</i>")
         self.items: list = []
         self.table = None
-        self._messages, self._interventions = None, None
+        self._messages, self._interventions, self._steering = None, None, None
         self._callbacks: list = []
         self.export = ExportRow({"top": self.bar_figure, "tokens": self.token_figure}, "inspect", self.show_error)
         super().__init__(source, [w.HTML("<b>Inspect</b>"), w.HBox([self.aggregation, self.feature, self.add_button]),
@@ -41,7 +41,8 @@ class InspectPanel(Panel):
         self.add_class("wb-inspect")
         self.feature.observe(self._on_feature, "value")
         self.add_button.on_click(lambda _: self.add(self.feature.value))
-        self.aggregation.observe(lambda _: self._messages and self._spawn(self.refresh(self._messages, self._interventions)),
+        self.aggregation.observe(lambda _: self._messages and self._spawn(self.refresh(self._messages, self._interventions,
+                                                                                       self._steering)),
                                  "value")
 
     def on_add(self, fn) -> None:
@@ -59,15 +60,16 @@ class InspectPanel(Panel):
         for i in points.point_inds:
             self.add(len(self.items) - 1 - i)
 
-    async def refresh(self, messages, interventions=None) -> None:
-        """Inspect ``messages`` (under ``interventions``) and redraw both figures."""
-        self._messages, self._interventions = messages, interventions
+    async def refresh(self, messages, interventions=None, steering=None) -> None:
+        """Inspect ``messages`` (under ``interventions`` and a raw ``steering`` spec) and redraw both figures."""
+        self._messages, self._interventions, self._steering = messages, interventions, steering
         self.status.value = "inspecting…"
         name = await self.session.model_name()
         top, table = await asyncio.gather(
             self.client.features.inspect(messages, model=name, interventions=interventions or None,
-                                         aggregation_method=self.aggregation.value, top_k=self.top_k),
-            self.client.features.token_activations(messages, model=name, interventions=interventions or None))
+                                         aggregation_method=self.aggregation.value, top_k=self.top_k, steering=steering),
+            self.client.features.token_activations(messages, model=name, interventions=interventions or None,
+                                                   steering=steering))
         self.items = [x.feature for x in top.features]
         keep = {f.id for f in self.items}
         pos = [i for i, f in enumerate(table.features) if f.id in keep]

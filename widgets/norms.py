@@ -43,13 +43,14 @@ class NormsPanel(Panel):
         for control in (self.by, self.heatmap, self.stat, self.layers):
             control.observe(lambda _: self.redraw(), "value")
 
-    async def refresh(self, baseline_messages, steered_messages, interventions=None) -> None:
+    async def refresh(self, baseline_messages, steered_messages, interventions=None, steering=None) -> None:
         """Fetch norms of both conversations (steered ones under ``interventions``) and redraw."""
         self.status.value = "computing norms…"
         name = await self.session.model_name()
         calls = [self.client.features.norms(baseline_messages, model=name)]
         if steered_messages:
-            calls.append(self.client.features.norms(steered_messages, model=name, interventions=interventions or None))
+            calls.append(self.client.features.norms(steered_messages, model=name, interventions=interventions or None,
+                                                    steering=steering))
         results = await asyncio.gather(*calls)
         self.frames = {"baseline": results[0].to_dataframe(),
                        "steered": results[1].to_dataframe() if len(results) > 1 else None}

@@ -79,11 +79,12 @@ class Workbench(Panel):
 
     async def refresh_plots(self) -> None:
         """Recompute norms and inspection for the current conversation and dials."""
-        ivs = self.dials.variant.get_interventions()
+        variant = self.dials.variant
+        ivs, spec = variant.get_interventions(), variant.spec
         steered = self.chat.messages("steered")
         self.status.value = "<i>updating plots…</i>"
-        await asyncio.gather(self.norms.refresh(self.chat.messages("baseline"), steered, ivs),
-                             self.inspect.refresh(steered, ivs))
+        await asyncio.gather(self.norms.refresh(self.chat.messages("baseline"), steered, ivs, spec),
+                             self.inspect.refresh(steered, ivs, spec))
         self.status.value = "<span class='wb-plots-ready'>plots up to date</span>"
 
     async def wait(self) -> None:

@@ -387,6 +387,17 @@ def apply_ops(h: torch.Tensor, ops: Iterable[SteeringOp]) -> torch.Tensor:
 _CANONICAL = (AddSpec, ProjectionCapSpec, AblationSpec)
 
 
+def merge_specs(*specs: "SteeringSpec") -> "SteeringSpec":
+    """One spec applying each given spec's ops in turn at every layer (in argument order)."""
+    layers: dict[int, list] = {}
+    for spec in specs:
+        if spec is None:
+            continue
+        for layer in sorted(spec.layers):
+            layers.setdefault(layer, []).extend(spec.layers[layer].operations)
+    return SteeringSpec(layers={layer: LayerSteeringSpec(operations=ops) for layer, ops in layers.items()})
+
+
 def replace_op(spec: SteeringSpec, layer: int, op: SteeringOp | None, kind: type) -> SteeringSpec:
     """A copy of ``spec`` with the ops of ``kind`` at ``layer`` replaced by ``op`` (or removed)."""
     new = spec.copy()

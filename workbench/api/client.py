@@ -20,6 +20,14 @@ from . import schemas as s
 from .transports import InProcessTransport
 
 
+def _steering_dict(model, steering=None):
+    """The extra spec of a request: ``steering=`` (a SteeringSpec or dict), else a Variant's ``spec``."""
+    steering = steering if steering is not None else getattr(model, "spec", None)
+    if steering is None:
+        return None
+    return steering.to_dict() if hasattr(steering, "to_dict") else dict(steering)
+
+
 def _model_and_interventions(model, interventions=None):
     """A model name and the interventions of a Variant (or the ones given)."""
     if hasattr(model, "interventions") and hasattr(model, "model_name"):
@@ -44,7 +52,9 @@ class _Completions:
 
     def _body(self, model, messages, stream, **kw) -> dict:
         name, ivs = _model_and_interventions(model, kw.pop("interventions", None))
-        return _drop_none({"model": name, "messages": _messages(messages), "interventions": ivs, "stream": stream, **kw})
+        extra = _steering_dict(model, kw.pop("steering", None))
+        return _drop_none({"model": name, "messages": _messages(messages), "interventions": ivs, "stream": stream,
+                           "steering": extra, **kw})
 
     async def create(self, *, model, messages, **kwargs) -> s.ChatCompletionResponse:
         """One chat completion (``max_completion_tokens``, ``temperature``, ``seed``, ``top_p``, ``stop``, ...)."""
@@ -82,11 +92,12 @@ class _Features:
                                 {"query": query, "model_name": name, "features": items, "top_k": top_k})
 
     async def inspect(self, messages, model, interventions=None, aggregation_method: str = "mean",
-                      top_k: int = 10) -> s.FeatureInspectionResponse:
+                      top_k: int = 10, steering=None) -> s.FeatureInspectionResponse:
         name, ivs = _model_and_interventions(model, interventions)
         return await self._call("/v1/chat_attribution/inspect", s.FeatureInspectionResponse,
                                 {"model": name, "messages": _messages(messages), "top_k": top_k,
-                                 "aggregation_method": aggregation_method, "interventions": ivs})
+                                 "aggregation_method": aggregation_method, "interventions": ivs,
+                                 "steering": _steering_dict(model, steering)})
 
     async def activations(self, messages, model, interventions=None, aggregation_method: str = "mean") -> s.ActivationsResponse:
         name, ivs = _model_and_interventions(model, interventions)
@@ -109,19 +120,22 @@ class _Features:
                                  "k_to_remove": k_to_remove, "interventions_1": ivs,
                                  "interventions_2": _model_and_interventions(model, interventions_2)[1]})
 
-    async def norms(self, messages, model, layers=None, interventions=None) -> s.NormsResponse:
+    async def norms(self, messages, model, layers=None, interventions=None, steering=None) -> s.NormsResponse:
         """Per-layer, per-token residual norms of a conversation (``.to_dataframe()`` for plots)."""
         name, ivs = _model_and_interventions(model, interventions)
         return await self._call("/v1/chat_attribution/norms", s.NormsResponse,
-                                {"model": name, "messages": _messages(messages), "layers": layers, "interventions": ivs})
+                                {"model": name, "messages": _messages(messages), "layers": layers, "interventions": ivs,
+                                 "steering": _steering_dict(model, steering)})
 
 
-    async def token_activations(self, messages, model, features=None, interventions=None) -> s.TokenActivationsResponse:
+    async def token_activations(self, messages, model, features=None, interventions=None,
+                                steering=None) -> s.TokenActivationsResponse:
         """Per-token activations of ``features`` (ids or indices; default all) over a conversation."""
         name, ivs = _model_and_interventions(model, interventions)
         keys = None if features is None else [getattr(f, "id", f) if not isinstance(f, dict) else f.get("id") for f in features]
         return await self._call("/v1/chat_attribution/token_activations", s.TokenActivationsResponse,
-                                {"model": name, "messages": _messages(messages), "features": keys, "interventions": ivs})
+                                {"model": name, "messages": _messages(messages), "features": keys, "interventions": ivs,
+                                 "steering": _steering_dict(model, steering)})
 
 
 class AsyncClient:

@@ -13,7 +13,7 @@ from ..errors import ValidationError
 from ..features.variant import compile_interventions
 from ..models import canonical_name
 from ..sampling import SamplingParams
-from ..steering import SteeringSpec
+from ..steering import SteeringSpec, merge_specs
 from . import schemas as s
 
 
@@ -33,10 +33,17 @@ class Service:
             raise ValidationError(f"unknown model {name!r}; this server serves {self.names}")
         return name
 
-    def steering(self, interventions) -> SteeringSpec:
-        if not interventions:
-            return SteeringSpec()
-        return compile_interventions([iv.model_dump() for iv in interventions], self.model.features)
+    def steering(self, interventions, extra: dict | None = None) -> SteeringSpec:
+        """The interventions compiled to a spec, followed at each layer by the ops of ``extra`` (a spec dict)."""
+        spec = compile_interventions([iv.model_dump() for iv in interventions], self.model.features) if interventions \
+            else SteeringSpec()
+        if extra:
+            more = SteeringSpec.from_dict(extra).validate(self.model.hidden_size, self.model.layer_count)
+            spec = merge_specs(spec, more)
+        return spec
+
+    def _spec(self, req) -> SteeringSpec:
+        return self.steering(req.interventions, req.steering)
 
     @staticmethod
     def _messages(messages) -> list[dict]:
@@ -59,7 +66,7 @@ class Service:
     async def chat(self, req: s.ChatCompletionRequest) -> s.ChatCompletionResponse:
         name = self.check_model(req.model)
         messages = self._messages(req.messages)
-        [reply] = await self.model.chat(messages, self._sampling(req), steering=self.steering(req.interventions),
+        [reply] = await self.model.chat(messages, self._sampling(req), steering=self._spec(req),
                                         chat_options=self._chat_options(req))
         prompt = len(self.model._render([messages], self._chat_options(req))[0].token_ids)
         return s.ChatCompletionResponse(
@@ -74,7 +81,7 @@ class Service:
         """Chunks: first the role, then text deltas, then one with the finish reason."""
         name = self.check_model(req.model)
         meta = self._meta("chatcmpl")
-        spec = self.steering(req.interventions)
+        spec = self._spec(req)
         sampling = self._sampling(req)
         messages = self._messages(req.messages)
 
@@ -112,7 +119,7 @@ class Service:
         name = self.check_model(req.model)
         msgs = self._messages(req.messages)
         top = await self.model.features.inspect(msgs, top_k=req.top_k or 10, aggregation_method=req.aggregation_method or "mean",
-                                                interventions=self.steering(req.interventions))
+                                                interventions=self._spec(req))
         return s.FeatureInspectionResponse(
             **self._meta("inspect"), model=name,
             features=[s.FeatureInspection(feature=self._item(f), activation=a) for f, a in top],
@@ -122,7 +129,7 @@ class Service:
         name = self.check_model(req.model)
         msgs = self._messages(req.messages)
         acts = await self.model.features.activations(msgs, aggregation_method=req.aggregation_method or "mean",
-                                                     interventions=self.steering(req.interventions))
+                                                     interventions=self._spec(req))
         return s.ActivationsResponse(**self._meta("activations"), model=name, activations=acts,
                                      usage=s.Usage(total_tokens=await self._tokens(msgs)))
 
@@ -130,7 +137,7 @@ class Service:
         name = self.check_model(req.model)
         msgs = self._messages(req.messages)
         out = await self.model.features.logits(msgs, top_k=req.top_k, start_idx=req.start_idx, end_idx=req.end_idx,
-                                               interventions=self.steering(req.interventions))
+                                               interventions=self._spec(req))
         return s.LogitsResponse(**self._meta("logits"), model=name, logits=out,
                                 usage=s.Usage(total_tokens=await self._tokens(msgs)))
 
@@ -148,7 +155,7 @@ class Service:
     async def token_activations(self, req: s.TokenActivationsRequest) -> s.TokenActivationsResponse:
         name = self.check_model(req.model)
         msgs = self._messages(req.messages)
-        table = await self.model.features.token_table(msgs, req.features, interventions=self.steering(req.interventions))
+        table = await self.model.features.token_table(msgs, req.features, interventions=self._spec(req))
         return s.TokenActivationsResponse(
             **self._meta("tokens"), model=name, tokens=table["tokens"], message_idx=table["message_idx"],
             features=[self._item(f) for f in table["features"]], activations=table["activations"],
@@ -159,7 +166,7 @@ class Service:
         layers = req.layers if req.layers is not None else list(range(self.model.layer_count))
         msgs = self._messages(req.messages)
         _, [handle] = await self.model.chat(msgs, SamplingParams(temperature=0.0, max_tokens=1), capture_layers=layers,
-                                            steering=self.steering(req.interventions),
+                                            steering=self._spec(req),
                                             chat_options={"add_generation_prompt": False})
         df = handle.norms()
         handle.close()

@@ -50,6 +50,8 @@ class ChatCompletionRequest(_Body):
     n: int = Field(1, ge=1, le=1)
     # vLLM's OpenAI server extra: continue a final assistant message (a prefill) instead of opening a new one
     continue_final_message: bool = False
+    # workbench extension: a whole SteeringSpec (SteeringSpec.to_dict()), applied after the interventions
+    steering: Optional[dict] = None
 
 
 class ChatCompletionMessage(_Body):
@@ -140,6 +142,8 @@ class FeatureInspectionRequest(_Body):
     interventions: Optional[list[InterventionSpec]] = None
     aggregation_method: Optional[Literal["mean", "max", "sum", "frequency"]] = "mean"
     top_k: Optional[int] = Field(10, ge=1, le=100)
+    # workbench extension: a whole SteeringSpec (SteeringSpec.to_dict()), applied after the interventions
+    steering: Optional[dict] = None
 
 
 class FeatureInspection(_Body):
@@ -161,6 +165,8 @@ class ActivationsRequest(_Body):
     messages: list[ChatMessage] = Field(..., min_length=1)
     interventions: Optional[list[InterventionSpec]] = None
     aggregation_method: Optional[Literal["mean", "max"]] = "mean"
+    # workbench extension: a whole SteeringSpec (SteeringSpec.to_dict()), applied after the interventions
+    steering: Optional[dict] = None
 
 
 class ActivationsResponse(_Body):
@@ -179,6 +185,8 @@ class LogitsRequest(_Body):
     top_k: Optional[int] = Field(None, ge=1)
     start_idx: Optional[int] = Field(None, ge=0)
     end_idx: Optional[int] = Field(None, ge=1)
+    # workbench extension: a whole SteeringSpec (SteeringSpec.to_dict()), applied after the interventions
+    steering: Optional[dict] = None
 
 
 class LogitsResponse(_Body):
@@ -217,6 +225,8 @@ class NormsRequest(_Body):
     messages: list[ChatMessage] = Field(..., min_length=1)
     interventions: Optional[list[InterventionSpec]] = None
     layers: Optional[list[int]] = None   # default: every layer
+    # workbench extension: a whole SteeringSpec (SteeringSpec.to_dict()), applied after the interventions
+    steering: Optional[dict] = None
 
 
 class TokenActivationsRequest(_Body):
@@ -226,6 +236,8 @@ class TokenActivationsRequest(_Body):
     messages: list[ChatMessage] = Field(..., min_length=1)
     interventions: Optional[list[InterventionSpec]] = None
     features: Optional[list[Union[str, int]]] = Field(None, max_length=256)   # ids or index_in_sae; default all
+    # workbench extension: a whole SteeringSpec (SteeringSpec.to_dict()), applied after the interventions
+    steering: Optional[dict] = None
 
 
 class TokenActivationsResponse(_Body):

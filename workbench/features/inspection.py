@@ -23,10 +23,14 @@ def _steering(model, features, interventions) -> SteeringSpec:
         return SteeringSpec()
     if isinstance(interventions, SteeringSpec):
         return interventions
-    if hasattr(interventions, "interventions"):       # a Variant
-        interventions = interventions.interventions
     from .variant import compile_interventions
 
+    if hasattr(interventions, "interventions"):       # a Variant (its raw spec, if any, follows)
+        from ..steering import merge_specs
+
+        spec = compile_interventions(list(interventions.interventions), features)
+        extra = getattr(interventions, "spec", None)
+        return spec if extra is None else merge_specs(spec, extra.validate(model.hidden_size, model.layer_count))
     return compile_interventions(list(interventions), features)
 
 

@@ -65,6 +65,7 @@ class Variant:
     def __init__(self, model_name: str = "default"):
         self.model_name = canonical_name(str(model_name))
         self.interventions: list[InterventionSpec] = []
+        self.spec: SteeringSpec | None = None   # workbench extension: raw ops applied after the interventions
 
     def _put(self, iv: InterventionSpec) -> None:
         key = iv.feature_id or iv.index_in_sae
@@ -92,26 +93,43 @@ class Variant:
     def get_interventions(self) -> list[dict]:
         return [iv.to_dict() for iv in self.interventions]
 
+    def add_spec(self, spec: SteeringSpec) -> "Variant":
+        """Also apply a raw ``SteeringSpec`` (after the feature interventions, at each layer)."""
+        from ..steering import merge_specs
+
+        if not isinstance(spec, SteeringSpec):
+            raise ValidationError(f"add_spec takes a SteeringSpec, got {type(spec).__name__}")
+        self.spec = spec if self.spec is None else merge_specs(self.spec, spec)
+        return self
+
     def reset(self) -> "Variant":
         self.interventions = []
+        self.spec = None
         return self
 
     def to_steering_spec(self, model, features=None) -> SteeringSpec:
         """Compile against ``model``'s feature set (or ``features``) in DESIGN.md's strength units."""
         if canonical_name(model.model_name) != self.model_name:
             raise ValidationError(f"this Variant is for {self.model_name!r}, the model is {model.model_name!r}")
-        return compile_interventions(self.interventions, features if features is not None else model.features)
+        from ..steering import merge_specs
+
+        spec = compile_interventions(self.interventions, features if features is not None else model.features)
+        if self.spec is not None:
+            spec = merge_specs(spec, self.spec.validate(model.hidden_size, model.layer_count))
+        return spec
 
     def __str__(self) -> str:
         return self.model_name
 
     def __repr__(self) -> str:
         inner = ", ".join(f"{iv.index_in_sae}:{iv.strength:g}/{iv.mode}" for iv in self.interventions)
-        return f"Variant({self.model_name!r}{', [' + inner + ']' if inner else ''})"
+        extra = f", spec on layers {self.spec.layer_indices()}" if self.spec is not None else ""
+        return f"Variant({self.model_name!r}{', [' + inner + ']' if inner else ''}{extra})"
 
     def __eq__(self, other) -> bool:
         if isinstance(other, Variant):
-            return self.model_name == other.model_name and self.interventions == other.interventions
+            mine, theirs = (None if x.spec is None else x.spec.fingerprint() for x in (self, other))
+            return self.model_name == other.model_name and self.interventions == other.interventions and mine == theirs
         return isinstance(other, str) and canonical_name(other) == self.model_name
 
     __hash__ = None
