@@ -30,6 +30,8 @@ CASES = {
     "empty prompt list": (lambda m: m.generate([], GREEDY), wb.EmptyInputError, r"non-empty"),
     "empty messages": (lambda m: m.chat([], GREEDY), wb.EmptyInputError, r"non-empty list"),
     "empty conversation in a batch": (lambda m: m.chat([USER, []], GREEDY), wb.EmptyInputError, r"conversations\[1\]"),
+    "only empty contents": (lambda m: m.chat([{"role": "system", "content": ""}, {"role": "user", "content": "  "}], GREEDY),
+                            wb.EmptyInputError, r"messages has no text"),
     "unknown role": (lambda m: m.chat([{"role": "wizard", "content": "hi"}], GREEDY), wb.ValidationError, r"unknown role 'wizard'; allowed"),
     "non-string content": (lambda m: m.chat([{"role": "user", "content": 42}], GREEDY), wb.ValidationError, r"content must be a string"),
     "prompt longer than the context": (

@@ -84,6 +84,8 @@ def normalize_conversations(messages_or_conversations) -> tuple[list[list[dict]]
                 raise ValidationError(f"{where}[{mi}] has unknown role {role!r}; allowed: {list(ALLOWED_ROLES)}")
             if not isinstance(content, str):
                 raise ValidationError(f"{where}[{mi}].content must be a string, got {type(content).__name__}")
+        if not any(msg["content"].strip() for msg in conv):
+            raise EmptyInputError(f"{where} has no text: every message's content is empty")
     return convs, single
 
 

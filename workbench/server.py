@@ -64,6 +64,8 @@ def create_app(model, aliases=(), api_key: str | None = None, max_body_bytes: in
             return schema.model_validate(json.loads(raw))
         except json.JSONDecodeError as exc:
             raise _Refused(400, f"malformed JSON: {exc}") from exc
+        except UnicodeDecodeError as exc:   # JSON must be UTF-8
+            raise _Refused(400, f"the body is not valid UTF-8 JSON: {exc}") from exc
         except pydantic.ValidationError as exc:
             raise _Refused(422, error_detail(exc)) from exc
 

@@ -1,0 +1,118 @@
+"""The bad-input catalogue over HTTP: every bad body gets a 4xx JSON ``detail`` (never a 5xx), and the
+next valid request still gets the right answer. The engine-level catalogue is tests/test_errors.py."""
+
+import json
+import math
+
+import httpx
+import pytest
+
+LLAMA = "meta-llama/Llama-3.1-8B-Instruct"
+HI = [{"role": "user", "content": "Say hello."}]
+CHAT = "/v1/chat/completions"
+OK = {"model": "default", "messages": HI, "max_completion_tokens": 8, "temperature": 0.0}
+
+
+def chat(**changes):
+    body = dict(OK)
+    for k, v in changes.items():
+        if v is _DROP:
+            body.pop(k)
+        else:
+            body[k] = v
+    return body
+
+
+_DROP = object()
+VEC = [0.01] * 576
+
+
+def spec(layer=6, vector=VEC, kind="add", **kw):
+    return {"layers": {str(layer): [dict({"type": kind, "vector": vector, "scale": 1.0}, **kw)]}}
+
+
+# name -> (path, body or raw bytes, headers, allowed statuses, a word the detail must contain)
+CATALOGUE = {
+    "messages not a list": (CHAT, chat(messages="hello"), None, {422}, "messages"),
+    "messages empty": (CHAT, chat(messages=[]), None, {422}, "messages"),
+    "messages missing": (CHAT, chat(messages=_DROP), None, {422}, "messages"),
+    "unknown role": (CHAT, chat(messages=[{"role": "robot", "content": "hi"}]), None, {422}, "role"),
+    "content not a string": (CHAT, chat(messages=[{"role": "user", "content": 42}]), None, {422}, "content"),
+    "only empty contents": (CHAT, chat(messages=[{"role": "system", "content": ""}, {"role": "user", "content": " "}]),
+                            None, {400}, "no text"),
+    "negative temperature": (CHAT, chat(temperature=-0.5), None, {422}, "temperature"),
+    "zero max tokens": (CHAT, chat(max_completion_tokens=0), None, {422}, "max_completion_tokens"),
+    "negative max tokens": (CHAT, chat(max_tokens=-4), None, {422}, "max_tokens"),
+    "top_p zero": (CHAT, chat(top_p=0.0), None, {422}, "top_p"),
+    "n = 2": (CHAT, chat(n=2), None, {422}, "n"),
+    "seed not an integer": (CHAT, chat(seed="abc"), None, {422}, "seed"),
+    "stop not a string": (CHAT, chat(stop=5), None, {422}, "stop"),
+    "repetition penalty zero": (CHAT, chat(repetition_penalty=0), None, {422}, "repetition_penalty"),
+    "unknown model": (CHAT, chat(model="gpt-9"), None, {400}, "unknown model"),
+    "unknown feature index": (CHAT, chat(interventions=[{"index_in_sae": 9999, "strength": 0.5}]), None, {400}, "9999"),
+    "strength not a number": (CHAT, chat(interventions=[{"index_in_sae": 0, "strength": "big"}]), None, {422}, "strength"),
+    "strength NaN": (CHAT, chat(interventions=[{"index_in_sae": 0, "strength": math.nan}]), None, {400, 422}, "strength"),
+    "unknown mode": (CHAT, chat(interventions=[{"index_in_sae": 0, "strength": 0.5, "mode": "multiply"}]), None,
+                     {400, 422}, "mode"),
+    "steering vector of wrong size": (CHAT, chat(steering=spec(vector=[1.0, 2.0])), None, {400}, "hidden size"),
+    "steering vector with NaN": (CHAT, chat(steering=spec(vector=[math.nan] * 576)), None, {400}, "non-finite"),
+    "steering vector overflowing float32": (CHAT, chat(steering=spec(vector=[1e39] * 576)), None, {400}, "non-finite"),
+    "steering layer out of range": (CHAT, chat(steering=spec(layer=99)), None, {400}, "out of range"),
+    "steering negative layer": (CHAT, chat(steering=spec(layer=-1)), None, {400}, "out of range"),
+    "steering unknown op": (CHAT, chat(steering=spec(kind="rotate")), None, {400}, "rotate"),
+    "steering not a mapping": (CHAT, chat(steering=[1, 2]), None, {422}, "steering"),
+    "prompt longer than the context": (CHAT, chat(messages=[{"role": "user", "content": "hello " * 9000}]), None,
+                                       {400}, "tokens"),
+    "malformed JSON": (CHAT, b'{"model": "default", "messages": [', {"content-type": "application/json"}, {400, 422}, "JSON"),
+    "invalid UTF-8": (CHAT, b'{"model": "default", "messages": [{"role": "user", "content": "\xff\xfe"}]}',
+                      {"content-type": "application/json"}, {400}, "UTF-8"),
+    "wrong content type": (CHAT, b"model=default", {"content-type": "text/plain"}, {415}, "application/json"),
+    "body over the size limit": (CHAT, chat(messages=[{"role": "user", "content": "x" * (5 * 2**20)}]), None, {413},
+                                 "limit"),
+    "search top_k zero": ("/v1/features/search", {"query": "pirate", "model_name": LLAMA, "top_k": 0}, None, {422}, "top_k"),
+    "search top_k too large": ("/v1/features/search", {"query": "pirate", "model_name": LLAMA, "top_k": 500}, None, {422},
+                               "top_k"),
+    "search without query": ("/v1/features/search", {"model_name": LLAMA}, None, {422}, "query"),
+    "inspect unknown aggregation": ("/v1/chat_attribution/inspect", {"model": LLAMA, "messages": HI,
+                                                                     "aggregation_method": "median"}, None, {422},
+                                    "aggregation_method"),
+    "logits negative start": ("/v1/chat_attribution/logits", {"model": LLAMA, "messages": HI, "start_idx": -1}, None,
+                              {422}, "start_idx"),
+    "contrast datasets not lists": ("/v1/chat_attribution/contrast", {"model": LLAMA, "dataset_1": "a", "dataset_2": "b"},
+                                    None, {422}, "dataset_1"),
+    "norms layer out of range": ("/v1/chat_attribution/norms", {"model": LLAMA, "messages": HI, "layers": [99]}, None,
+                                 {400}, "99"),
+    "token activations unknown feature": ("/v1/chat_attribution/token_activations",
+                                          {"model": LLAMA, "messages": HI, "features": ["concept/nope"]}, None, {400},
+                                          "nope"),
+    "rerank features not a list": ("/v1/features/rerank", {"query": "x", "model_name": LLAMA, "features": "pirate"},
+                                   None, {422}, "features"),
+    "unknown route": ("/v1/nope", {}, None, {404}, ""),
+}
+
+
+@pytest.fixture(scope="module")
+def http(http_server):
+    with httpx.Client(base_url=http_server, timeout=120) as client:
+        expected = client.post(CHAT, json=OK).json()["choices"][0]["message"]["content"]
+        yield client, expected
+
+
+def test_the_catalogue_has_at_least_30_distinct_bad_inputs():
+    assert len(CATALOGUE) >= 30
+
+
+@pytest.mark.parametrize("name", list(CATALOGUE))
+def test_bad_input_gets_a_4xx_detail_and_the_next_request_is_right(http, name):
+    client, expected = http
+    path, body, headers, statuses, word = CATALOGUE[name]
+    if isinstance(body, bytes):
+        r = client.post(path, content=body, headers=headers)
+    else:
+        r = client.post(path, content=json.dumps(body, allow_nan=True), headers={"content-type": "application/json"})
+    assert r.status_code in statuses, (r.status_code, r.text[:300])
+    detail = r.json().get("detail", "")
+    assert isinstance(detail, str) and detail, r.text[:300]
+    assert word.lower() in detail.lower(), detail[:300]
+    after = client.post(CHAT, json=OK)
+    assert after.status_code == 200 and after.json()["choices"][0]["message"]["content"] == expected
