@@ -27,13 +27,51 @@ MAX_BODY_BYTES = 4 * 2**20
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
 
-def create_app(model, aliases=(), api_key: str | None = None, max_body_bytes: int = MAX_BODY_BYTES):
-    """The ASGI app serving ``model``.
+def _openapi(app: FastAPI) -> dict:
+    """FastAPI's schema plus the request and response bodies of the API routes.
+
+    The routes parse bodies themselves (to answer 413/415/400 before validation), so FastAPI cannot
+    see their schemas; they are added here from the pydantic models, so that clients, docs and
+    schema-based fuzzers (tests/test_fuzz.py) know what each route takes and returns.
+    """
+    import typing
+
+    from fastapi.openapi.utils import get_openapi
+
+    if app.openapi_schema:
+        return app.openapi_schema
+    doc = get_openapi(title=app.title, version=app.version, routes=app.routes)
+    components = doc.setdefault("components", {}).setdefault("schemas", {})
+
+    def ref(model) -> dict:
+        js = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        components.update(js.pop("$defs", {}))
+        components[model.__name__] = js
+        return {"$ref": f"#/components/schemas/{model.__name__}"}
+
+    error = {"description": "bad request", "content": {"application/json": {"schema": {
+        "type": "object", "properties": {"detail": {"type": "string"}}, "required": ["detail"]}}}}
+    for path, (schema, method) in ROUTES.items():
+        returns = typing.get_type_hints(getattr(Service, method))["return"]
+        ok = {"description": "OK", "content": {"application/json": {"schema": ref(returns)}}}
+        if path == "/v1/chat/completions":
+            ok["content"]["text/event-stream"] = {"schema": {"type": "string"}}
+        op = doc["paths"][path]["post"]
+        op["requestBody"] = {"required": True, "content": {"application/json": {"schema": ref(schema)}}}
+        op["responses"] = {"200": ok, **{str(code): error for code in (400, 401, 404, 413, 415, 422, 503)}}
+    app.openapi_schema = doc
+    return doc
+
+
+def create_app(model, aliases=(), api_key: str | None = None, max_body_bytes: int = MAX_BODY_BYTES,
+               max_tokens_limit: int | None = None):
+    """The ASGI app serving ``model``; ``max_tokens_limit`` caps the tokens one request may ask for.
 
     >>> app = create_app(wb.load("default"), aliases=["meta-llama/Llama-3.1-8B-Instruct"])  # doctest: +SKIP
     """
-    service = Service(model, aliases)
+    service = Service(model, aliases, max_tokens_limit=max_tokens_limit)
     app = FastAPI(title="steering-workbench", version="0.1.0")
+    app.openapi = lambda: _openapi(app)
     app.state.service = service
     app.state.stats = {"streams_started": 0, "streams_finished": 0, "streams_aborted": 0}
 
@@ -74,7 +112,10 @@ def create_app(model, aliases=(), api_key: str | None = None, max_body_bytes: in
             try:
                 req = await parse(request, schema)
                 if getattr(req, "stream", False):
+                    # refuse what would fail before the first event: a stream's status is sent with it
                     service.check_model(req.model)
+                    service._sampling(req)
+                    service._spec(req)
                     return StreamingResponse(sse(req), media_type="text/event-stream")
                 return JSONResponse(json.loads((await getattr(service, method)(req)).model_dump_json()))
             except _Refused as exc:

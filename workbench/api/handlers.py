@@ -23,8 +23,9 @@ class Service:
     >>> service = Service(model, aliases=["meta-llama/Llama-3.1-8B-Instruct"])  # doctest: +SKIP
     """
 
-    def __init__(self, model, aliases=()):
+    def __init__(self, model, aliases=(), max_tokens_limit: int | None = None):
         self.model = model
+        self.max_tokens_limit = max_tokens_limit
         self.names = [canonical_name(model.model_name)] + [a for a in aliases if a]
 
     def check_model(self, name) -> str:
@@ -55,8 +56,11 @@ class Service:
 
     # -- chat ----------------------------------------------------------------------------------
     def _sampling(self, req: s.ChatCompletionRequest) -> SamplingParams:
+        wanted = req.max_tokens or req.max_completion_tokens
+        if self.max_tokens_limit is not None and wanted > self.max_tokens_limit:
+            raise ValidationError(f"max tokens {wanted} is over this server's limit of {self.max_tokens_limit}")
         return SamplingParams(temperature=req.temperature, top_p=req.top_p, seed=req.seed,
-                              max_tokens=req.max_tokens or req.max_completion_tokens,
+                              max_tokens=wanted,
                               repetition_penalty=req.repetition_penalty, stop=req.stop or [])
 
     @staticmethod
