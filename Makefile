@@ -56,6 +56,8 @@ bench: $(VENV)/.test-stamp
 	$(PY) benchmarks/hf_throughput.py
 	$(PY) benchmarks/features_bench.py
 	$(PY) benchmarks/api_overhead.py
+	$(PY) benchmarks/widgets_bench.py
+	$(PY) benchmarks/load_test.py --seconds 120 --clients 32
 
 serve: setup
 	$(VENV)/bin/workbench serve $(SERVE_ARGS)

@@ -116,3 +116,16 @@ def test_bad_input_gets_a_4xx_detail_and_the_next_request_is_right(http, name):
     assert word.lower() in detail.lower(), detail[:300]
     after = client.post(CHAT, json=OK)
     assert after.status_code == 200 and after.json()["choices"][0]["message"]["content"] == expected
+
+
+def test_cors_is_off_and_only_the_api_routes_exist(http):
+    client, _ = http
+    r = client.options(CHAT, headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "POST"})
+    assert "access-control-allow-origin" not in {k.lower() for k in r.headers}
+    r = client.post(CHAT, json=OK, headers={"Origin": "https://evil.example"})
+    assert r.status_code == 200 and "access-control-allow-origin" not in {k.lower() for k in r.headers}
+    paths = set(client.get("/openapi.json").json()["paths"])
+    from workbench.api.transports import ROUTES
+
+    # nothing that runs code or reads files from a path a request names: the API routes, models, health, stats
+    assert paths == set(ROUTES) | {"/v1/models", "/health", "/v1/stats"}
