@@ -200,7 +200,10 @@ def test_quickstart_workbench_in_jupyterlab(lab, browser):
     assert final[0] != final[1]
     page.locator(".wb-norms").first.scroll_into_view_if_needed()
     page.locator(".wb-norms").first.screenshot(path=str(ARTIFACTS / "lab-3-norms.png"))
-    page.locator(".wb-workbench").first.screenshot(path=str(ARTIFACTS / "workbench.png"))   # the README's picture
+    page.set_viewport_size({"width": 1500, "height": 2700})   # the whole workbench in one picture (the README's)
+    page.locator(".wb-workbench").first.scroll_into_view_if_needed()
+    page.locator(".wb-workbench").first.screenshot(path=str(ARTIFACTS / "workbench.png"))
+    page.set_viewport_size({"width": 1500, "height": 1100})
 
     # slider -> first steered token on screen (auto-regenerate); measured, reported, not asserted
     latencies = []
