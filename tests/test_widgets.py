@@ -170,7 +170,7 @@ async def test_inspect_click_adds_a_feature_to_the_dials(default_model):
     bench.inspect.feature.value = 1
     bench.inspect.add_button.click()
     assert [r.key for r in bench.dials.rows] == [items[0].id, items[1].id]
-    assert bench.inspect.token_figure.data[0].y[0] == items[1].label      # chosen feature on top
+    assert bench.inspect.token_figure.data[0].y[0] == wb.plots.short_label(items[1].label)  # chosen feature on top
     await bench.wait()   # the new dials regenerate the steered reply and redraw
 
 

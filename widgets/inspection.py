@@ -80,7 +80,7 @@ class InspectPanel(Panel):
         for trace in self.bar_figure.data:
             trace.on_click(self._on_bar_click)
         current = self.feature.value
-        self.feature.options = [(f.label, i) for i, f in enumerate(self.items)]
+        self.feature.options = [(plots.short_label(f.label), i) for i, f in enumerate(self.items)]
         self.feature.value = current if current is not None and current < len(self.items) else (0 if self.items else None)
         self.add_button.disabled = not self.items
         self._draw_tokens()

@@ -132,10 +132,16 @@ def message_heatmap(norms, stat: str = "median", layers=None, title: str | None 
     return _style(fig)
 
 
+def short_label(label: str, width: int = 40) -> str:
+    """A feature label for an axis: the part before a colon, at most ``width`` characters."""
+    head = str(label).split(":")[0].strip() or str(label)
+    return head if len(head) <= width else head[: width - 1] + "…"
+
+
 def _inspection_pairs(result) -> list[tuple[str, float]]:
     if hasattr(result, "features"):            # FeatureInspectionResponse
-        return [(x.feature.label, float(x.activation)) for x in result.features]
-    return [(getattr(f, "label", str(f)), float(a)) for f, a in result]
+        return [(short_label(x.feature.label), float(x.activation)) for x in result.features]
+    return [(short_label(getattr(f, "label", str(f))), float(a)) for f, a in result]
 
 
 def top_features(result, baseline=None, title: str | None = None):
@@ -150,7 +156,7 @@ def top_features(result, baseline=None, title: str | None = None):
                              name=name))
     fig.update_layout(title=title or "Top features in the conversation", xaxis_title="activation", barmode="group",
                       height=max(260, 60 + 26 * max((len(t.y) for t in fig.data), default=1)),
-                      margin={"l": 220, "r": 20, "t": 50, "b": 50})
+                      margin={"l": 160, "r": 20, "t": 50, "b": 50})
     return _style(fig)
 
 
@@ -163,14 +169,14 @@ def token_heatmap(table, highlight: str | None = None, title: str | None = None)
         order = sorted(range(len(feats)), key=lambda i: feats[i].id != highlight)
         feats, rows = [feats[i] for i in order], [rows[i] for i in order]
     ticks = [f"{i}:{t!r}"[:24] for i, t in enumerate(table.tokens)]
-    fig = go.Figure(go.Heatmap(z=rows, x=list(range(len(table.tokens))), y=[f.label for f in feats],
+    fig = go.Figure(go.Heatmap(z=rows, x=list(range(len(table.tokens))), y=[short_label(f.label) for f in feats],
                                customdata=[[t] * 1 for t in table.tokens], colorscale="Magma",
                                hovertemplate="token %{x}<br>%{y}: %{z:.3f}<extra></extra>"))
     fig.update_layout(title=title or "Feature activation per token",
                       xaxis={"tickmode": "array", "tickvals": list(range(len(ticks))), "ticktext": ticks,
                              "tickangle": -60, "tickfont": {"size": 9}},
                       yaxis={"autorange": "reversed"}, height=max(260, 120 + 24 * len(feats)),
-                      margin={"l": 220, "r": 20, "t": 50, "b": 110})
+                      margin={"l": 160, "r": 20, "t": 50, "b": 110})
     return _style(fig)
 
 
