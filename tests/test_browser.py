@@ -138,6 +138,20 @@ def _assert_no_widget_errors(page) -> None:
         assert page.get_by_text(text).count() == 0, f"a widget failed to render: {text!r}"
 
 
+def _scroll_to(page, selector: str, timeout: float = 120.0) -> None:
+    """Scroll the notebook down until ``selector`` is rendered: Lab 4 renders only the cells in view,
+    and after a reload it may open the notebook at the top, far above the Workbench cell."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        page.evaluate("""() => document.querySelectorAll('.jp-WindowedPanel-outer, .jp-NotebookPanel-notebook, .jp-Notebook')
+                                 .forEach(e => { e.scrollTop = e.scrollHeight; })""")
+        if page.locator(selector).count():
+            page.locator(selector).first.scroll_into_view_if_needed()
+            return
+        time.sleep(1.0)
+    raise AssertionError(f"{selector} did not render within {timeout:.0f}s after scrolling")
+
+
 def _plot_traces(page, panel: str) -> int:
     return page.locator(f"{panel} .js-plotly-plot .scatterlayer .trace").count()
 
@@ -240,8 +254,18 @@ def test_quickstart_workbench_in_jupyterlab(lab, browser):
     page.locator(".jp-Notebook").first.click(position={"x": 5, "y": 5})
     _menu_click(page, "File", "Save Notebook")
     page.wait_for_function("() => !document.querySelector('.lm-TabBar-tab.jp-mod-dirty')", timeout=60_000)
-    page.reload()
-    page.locator(".wb-norms .js-plotly-plot").first.wait_for(timeout=120_000)
+    for attempt in range(2):
+        page.reload()
+        page.locator(".jp-Notebook").first.wait_for(timeout=120_000)
+        try:
+            _scroll_to(page, ".wb-norms .js-plotly-plot", timeout=90)
+            break
+        except AssertionError:
+            # seen once in four fresh-clone runs: the widget views did not come back after one reload
+            page.screenshot(path=str(ARTIFACTS / f"lab-reload-{attempt}-failed.png"))
+            print(f"\nreload {attempt}: the workbench plots did not render; reloading again")
+            if attempt == 1:
+                raise
     page.wait_for_function("() => document.querySelectorAll('.wb-norms .js-plotly-plot .scatterlayer .trace').length > 0",
                            timeout=60_000)
     assert _plot_traces(page, ".wb-norms") >= 2
