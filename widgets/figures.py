@@ -58,7 +58,7 @@ class ExportRow(w.HBox):
         out = []
         for name, figw in self._figures.items():
             try:
-                out.append(plots.save(go.Figure(figw), stem.parent / f"{stem.name}-{name}.{fmt}"))
+                out.append(plots.export(go.Figure(figw), stem.parent / f"{stem.name}-{name}.{fmt}"))
             except (RuntimeError, ValueError, OSError) as exc:
                 if fmt in ("png", "svg", "pdf"):
                     raise RuntimeError(f"{fmt.upper()} export needs kaleido and a Chromium browser "

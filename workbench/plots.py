@@ -242,5 +242,3 @@ def export(fig, path, format: str | None = None, scale: float = 2.0) -> Path:
         fig.write_image(str(path), format=fmt, scale=scale)
     return path
 
-
-save = export   # the name the panels' export rows use
