@@ -327,7 +327,11 @@ class SteerModel:
                 req.encode_only = self.supports_encode_only
                 requests.append(req)
             results = await asyncio.gather(*(self._run(r) for r in requests))
+        await self._materialize(results)
         return [{layer: r.captures[layer][: len(pid)] for layer in capture} for r, pid in zip(results, ids)]
+
+    async def _materialize(self, results: list) -> None:
+        """Backends whose captures live elsewhere (vLLM's workers) fetch them here, in one round trip."""
 
     supports_encode_only = False  # backends that can run a forward without sampling set this
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 
-from ..errors import BackendUnavailableError, ValidationError
+from ..errors import ValidationError
 from ..models import canonical_name, resolve_model
 
 BACKENDS = ("auto", "hf", "vllm")
@@ -23,6 +23,8 @@ def load(name: str = "default", backend: str = "auto", *, device=None, dtype=Non
     """Load a model for steering: ``"default"`` (SmolLM2-135M-Instruct), a local HF folder, or a hub id.
 
     ``backend="auto"`` picks vLLM when it is installed and a GPU is present, else ``hf``.
+    ``backend="vllm"`` takes the options of ``workbench.engine.vllm.load_vllm`` (``enforce_eager``,
+    ``tensor_parallel_size``, ``max_specs``, ``max_ops_per_layer``, ...) and vLLM's ``EngineArgs``.
     ``prefix_cache_mb`` bounds the KV kept for reusing prompt prefixes (0 turns it off); entries are
     keyed by the steering spec, so a prefix computed under one spec never serves another.
 
@@ -37,7 +39,10 @@ def load(name: str = "default", backend: str = "auto", *, device=None, dtype=Non
         backend = "vllm" if _vllm_usable() else "hf"
     path = resolve_model(name)
     if backend == "vllm":
-        raise BackendUnavailableError("the vllm backend is not part of this build yet; use backend='hf'")
+        from .vllm import load_vllm
+
+        return load_vllm(path, canonical_name(name), device=device, dtype=dtype, max_model_len=max_model_len,
+                         max_batch_size=max_batch_size, **backend_kwargs)
     if backend_kwargs:
         raise ValidationError(f"unknown options for the hf backend: {sorted(backend_kwargs)}")
     from .hf import load_hf

