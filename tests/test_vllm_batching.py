@@ -1,0 +1,161 @@
+"""Per-request steering and capture inside vLLM's continuous batches, and tensor parallelism.
+
+The module's engine is made to batch the hard way: a 256-token step budget (a long prompt is
+prefilled in chunks) and a KV cache of 1,024 tokens (sixteen requests do not fit, so vLLM preempts
+and recomputes). The worker counts what it saw, so the test knows those cases really happened.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+
+import pytest
+import torch
+
+import workbench as wb
+
+pytestmark = pytest.mark.integration
+
+SAMPLING = wb.SamplingParams(temperature=0.0, max_tokens=32)
+TOPICS = ["Tokyo", "the sea", "a compiler", "bread", "the moon", "chess", "rain", "music"]
+
+
+def engine(**kwargs):
+    return wb.load("default", backend="vllm", enforce_eager=True, max_model_len=1024, max_num_batched_tokens=256,
+                   kv_cache_gb=1, num_gpu_blocks_override=8, show_progress=False, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def vllm_small():
+    model = engine()
+    yield model
+    model.close()
+    gc.collect()
+
+
+def specs(hidden: int) -> list:
+    g = torch.Generator().manual_seed(11)
+    out = []
+    for layer, kind in [(3, "add"), (6, "cap"), (9, "ablate"), (5, "mixed")]:
+        v = torch.randn(hidden, generator=g)
+        ops = {"add": [wb.AddSpec(v / v.norm(), scale=8.0)],
+               "cap": [wb.ProjectionCapSpec(v, min=-0.2, max=0.2)],
+               "ablate": [wb.AblationSpec(v, scale=-1.0)],
+               "mixed": [wb.AddSpec(v / v.norm(), scale=5.0), wb.AblationSpec(torch.roll(v, 1), scale=0.0)]}[kind]
+        out.append(wb.SteeringSpec(layers={layer: wb.LayerSteeringSpec(operations=ops)}))
+    return out
+
+
+def conversations() -> list:
+    convs = []
+    for i in range(16):
+        text = f"In {3 + i % 5} sentences, tell me about {TOPICS[i % len(TOPICS)]}."
+        if i == 5:  # longer than one step's budget: prefilled in chunks
+            text = "Here are my notes. " + " ".join(f"Note {k}: the {TOPICS[k % 8]} matters." for k in range(40)) + " Summarize."
+        convs.append([{"role": "user", "content": text}])
+    return convs
+
+
+def test_sixteen_concurrent_requests_with_four_specs_match_each_alone(vllm_small):
+    model = vllm_small
+    convs = conversations()
+    four = specs(model.hidden_size)
+    steering = [wb.SteeringSpec() if i % 5 == 4 else four[i % 4] for i in range(16)]  # includes unsteered ones
+    capture = {2, 5}  # two requests also capture (one of them the chunked one)
+    long_len = len(model.tokenizer.apply_chat_template(convs[5], add_generation_prompt=True, tokenize=True))
+    assert long_len > model.max_num_batched_tokens
+
+    async def one(i):
+        if i in capture:
+            [r], [h] = await model.chat(convs[i], SAMPLING, steering=steering[i], capture_layers=[4, 29])
+            await model.fetch_captures_batch([h])
+            return r, h
+        [r] = await model.chat(convs[i], SAMPLING, steering=steering[i])
+        return r, None
+
+    async def together():
+        return await asyncio.gather(*(one(i) for i in range(16)))
+
+    before = model.worker_stats()[0]
+    batched = asyncio.run(together())
+    seen = model.worker_stats()[0]
+    alone = [asyncio.run(one(i)) for i in range(16)]
+    for i, ((rb, hb), (ra, ha)) in enumerate(zip(batched, alone)):
+        assert rb.token_ids == ra.token_ids, f"request {i}: batched {rb.generated!r} != alone {ra.generated!r}"
+        if i in capture:
+            for layer in (4, 29):
+                torch.testing.assert_close(hb.hidden(layer), ha.hidden(layer), rtol=1e-4, atol=1e-3)
+    # the batch really mixed specs in shared forwards, chunked the long prompt and preempted
+    assert seen["mixed_slot_steps"] > before["mixed_slot_steps"]
+    assert seen["chunked"] > before["chunked"]
+    assert seen["recomputed"] > before["recomputed"], "no preemption happened; the KV cache is too large for this test"
+    assert model.stats["max_batch"] >= 8
+    # steering changed something (else equality above would prove nothing)
+    plain = asyncio.run(model.chat([convs[i] for i in range(4)], SAMPLING))
+    assert sum(p.token_ids != b[0].token_ids for p, b in zip(plain, batched[:4])) >= 3
+
+
+def test_requests_joining_and_leaving_mid_decode(vllm_small):
+    """Short and long requests started at different times; each reply equals its solo run."""
+    model = vllm_small
+    four = specs(model.hidden_size)
+    convs = conversations()[:6]
+
+    async def staggered():
+        tasks = []
+        for i, conv in enumerate(convs):
+            params = wb.SamplingParams(temperature=0.0, max_tokens=4 if i % 2 else 40)
+            tasks.append(asyncio.create_task(model.chat(conv, params, steering=four[i % 4])))
+            await asyncio.sleep(0.15)
+        return [r for [r] in await asyncio.gather(*tasks)]
+
+    got = asyncio.run(staggered())
+    for i, (conv, r) in enumerate(zip(convs, got)):
+        [want] = asyncio.run(model.chat(conv, wb.SamplingParams(temperature=0.0, max_tokens=4 if i % 2 else 40),
+                                        steering=four[i % 4]))
+        assert r.token_ids == want.token_ids
+
+
+def test_cancelled_requests_free_their_slot_and_do_not_disturb_the_rest(vllm_small):
+    model = vllm_small
+    spec = specs(model.hidden_size)[0]
+    conv = conversations()[0]
+
+    async def flow():
+        keep = asyncio.create_task(model.chat(conv, SAMPLING, steering=spec))
+        stream = model.stream_chat(conv, wb.SamplingParams(temperature=0.0, max_tokens=200), steering=spec)
+        async for _ in stream:
+            break  # leave after the first chunk: the request is aborted in vLLM
+        await stream.aclose()
+        [r] = await keep
+        return r
+
+    r = asyncio.run(flow())
+    [want] = asyncio.run(model.chat(conv, SAMPLING, steering=spec))
+    assert r.token_ids == want.token_ids
+    for _ in range(100):
+        if model.active_requests == 0:
+            break
+        asyncio.run(asyncio.sleep(0.05))
+    assert model.active_requests == 0
+
+
+def test_tensor_parallel_two_gives_the_same_tokens_and_captures_as_one(vllm_small):
+    model = vllm_small
+    convs = conversations()[:5]
+    spec = specs(model.hidden_size)[3]
+    one, h1 = asyncio.run(model.chat(convs, SAMPLING, steering=spec, capture_layers=[3, 29]))
+    asyncio.run(model.fetch_captures_batch(h1))
+    tp2 = engine(tensor_parallel_size=2)
+    try:
+        assert tp2.tensor_parallel_size == 2 and len(tp2.worker_info) == 2
+        two, h2 = asyncio.run(tp2.chat(convs, SAMPLING, steering=spec, capture_layers=[3, 29]))
+        asyncio.run(tp2.fetch_captures_batch(h2))
+    finally:
+        tp2.close()
+    assert [r.token_ids for r in two] == [r.token_ids for r in one]
+    for a, b in zip(h1, h2):
+        for layer in (3, 29):
+            cos = torch.nn.functional.cosine_similarity(a.hidden(layer), b.hidden(layer), dim=-1)
+            assert float(cos.min()) >= 0.9999
