@@ -1,7 +1,7 @@
 """Per-request steering and capture inside vLLM's continuous batches, and tensor parallelism.
 
 The module's engine is made to batch the hard way: a 256-token step budget (a long prompt is
-prefilled in chunks) and a KV cache of 1,024 tokens (sixteen requests do not fit, so vLLM preempts
+prefilled in chunks) and a KV cache of 5 blocks (4 usable: 512 tokens) (sixteen requests do not fit, so vLLM preempts
 and recomputes). The worker counts what it saw, so the test knows those cases really happened.
 """
 
@@ -22,8 +22,8 @@ TOPICS = ["Tokyo", "the sea", "a compiler", "bread", "the moon", "chess", "rain"
 
 
 def engine(**kwargs):
-    return wb.load("default", backend="vllm", enforce_eager=True, max_model_len=1024, max_num_batched_tokens=256,
-                   kv_cache_gb=1, num_gpu_blocks_override=8, show_progress=False, **kwargs)
+    return wb.load("default", backend="vllm", enforce_eager=True, max_model_len=512, max_num_batched_tokens=256,
+                   kv_cache_gb=1, num_gpu_blocks_override=5, show_progress=False, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +63,8 @@ def test_sixteen_concurrent_requests_with_four_specs_match_each_alone(vllm_small
     four = specs(model.hidden_size)
     steering = [wb.SteeringSpec() if i % 5 == 4 else four[i % 4] for i in range(16)]  # includes unsteered ones
     capture = {2, 5}  # two requests also capture (one of them the chunked one)
-    long_len = len(model.tokenizer.apply_chat_template(convs[5], add_generation_prompt=True, tokenize=True))
+    rendered = model.tokenizer.apply_chat_template(convs[5], add_generation_prompt=True, tokenize=False)
+    long_len = len(model.tokenizer(rendered, add_special_tokens=False)["input_ids"])
     assert long_len > model.max_num_batched_tokens
 
     async def one(i):
@@ -159,3 +160,32 @@ def test_tensor_parallel_two_gives_the_same_tokens_and_captures_as_one(vllm_smal
         for layer in (3, 29):
             cos = torch.nn.functional.cosine_similarity(a.hidden(layer), b.hidden(layer), dim=-1)
             assert float(cos.min()) >= 0.9999
+
+
+def test_engine_death_fails_requests_cleanly_and_a_new_engine_starts(vllm_small):
+    """Kill the engine core mid-generation: waiting requests get EngineError, later ones are refused fast."""
+    import os
+    import signal
+
+    import psutil
+
+    model = vllm_small
+    core = [p for p in psutil.Process().children(recursive=True) if "EngineCore" in " ".join(p.cmdline() + [p.name()])]
+    assert core, "no engine core process found"
+
+    async def flow():
+        task = asyncio.create_task(model.chat(conversations()[0], wb.SamplingParams(temperature=0, max_tokens=400,
+                                                                                    ignore_eos=True)))
+        await asyncio.sleep(1.0)
+        for p in core:
+            os.kill(p.pid, signal.SIGKILL)
+        with pytest.raises(wb.EngineError):
+            await asyncio.wait_for(task, 60)
+        t0 = asyncio.get_running_loop().time()
+        with pytest.raises(wb.EngineError, match="load the model again"):
+            await model.chat(conversations()[1], SAMPLING)
+        return asyncio.get_running_loop().time() - t0
+
+    refused_after = asyncio.run(flow())
+    assert refused_after < 5
+    model.close()

@@ -26,6 +26,10 @@ def main(argv: list[str] | None = None) -> int:
     srv.add_argument("--served-model-name", action="append", default=[],
                      help="another name this model answers to (repeatable), e.g. meta-llama/Llama-3.1-8B-Instruct")
     srv.add_argument("--log-level", default="info")
+    srv.add_argument("--max-tokens-limit", type=int, default=None,
+                     help="refuse requests asking for more new tokens than this (default: the model's context)")
+    srv.add_argument("--enforce-eager", action="store_true", help="vllm backend: skip compiled mode (faster start)")
+    srv.add_argument("--tensor-parallel-size", type=int, default=None, help="vllm backend: GPUs (or CPU ranks) per model")
     args = parser.parse_args(argv)
     if args.command == "prepare":
         from .models import prepare_default_model
@@ -34,8 +38,15 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "serve":
         from .server import serve
 
+        extra = {}
+        if args.enforce_eager:
+            extra["enforce_eager"] = True
+        if args.tensor_parallel_size:
+            extra["tensor_parallel_size"] = args.tensor_parallel_size
+        if extra and args.backend == "hf":
+            parser.error("--enforce-eager and --tensor-parallel-size need --backend vllm")
         serve(args.model, backend=args.backend, host=args.host, port=args.port, api_key=args.api_key,
-              aliases=args.served_model_name, log_level=args.log_level)
+              aliases=args.served_model_name, log_level=args.log_level, max_tokens_limit=args.max_tokens_limit, **extra)
     elif args.command == "version":
         from . import __version__
 

@@ -167,8 +167,9 @@ class _Refused(Exception):
 
 
 def serve(model_name: str = "default", backend: str = "auto", host: str = "127.0.0.1", port: int = 8000,
-          api_key: str | None = None, aliases=(), log_level: str = "info") -> None:
-    """Load a model and serve it until interrupted (what ``workbench serve`` runs)."""
+          api_key: str | None = None, aliases=(), log_level: str = "info", max_tokens_limit: int | None = None,
+          **load_kwargs) -> None:
+    """Load a model and serve it until interrupted (what ``workbench serve`` runs); ``load_kwargs`` go to ``wb.load``."""
     import uvicorn
 
     from .engine import load
@@ -177,8 +178,8 @@ def serve(model_name: str = "default", backend: str = "auto", host: str = "127.0
         log.warning("no --api-key given: binding to 127.0.0.1 instead of %s (set a key to serve other machines)", host)
         print(f"workbench serve: no --api-key, so binding to 127.0.0.1 only (not {host})", flush=True)
         host = "127.0.0.1"
-    model = load(model_name, backend=backend)
-    app = create_app(model, aliases=aliases, api_key=api_key)
+    model = load(model_name, backend=backend, **load_kwargs)
+    app = create_app(model, aliases=aliases, api_key=api_key, max_tokens_limit=max_tokens_limit)
     print(f"workbench serve: {model.model_name} ({model.backend}) on http://{host}:{port}"
           f"{' (API key required)' if api_key else ''}; names: {app.state.service.names}", flush=True)
     try:
