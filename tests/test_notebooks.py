@@ -41,3 +41,5 @@ def test_notebook_runs(path, tmp_path):
         assert (tmp_path / "figures" / "pirate_sweep.html").stat().st_size > 1_000_000
     if path.name == "05_scale_out.ipynb":
         assert "steered requests" in text and "tok/s" in text
+        assert "vllm backend: 16 steered requests" in text
+        assert "replies identical to the hf server's: 16 of 16" in text

