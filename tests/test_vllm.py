@@ -233,3 +233,47 @@ def test_capture_memory_does_not_grow_over_a_thousand_captured_requests(backend,
     growth = samples[1] - samples[0]
     print(f"{backend}: RSS growth over 800 captured requests after warm-up: {growth / 2**20:.1f} MiB")
     assert growth < 64 * 2**20
+
+
+@pytest.mark.parametrize("backend", ["hf", "vllm"])
+def test_streams_cancelled_at_random_points_free_their_slots(backend, vllm_model, default_model):
+    """Twenty streams, each left (aclose) or cancelled (task.cancel) after a random number of tokens."""
+    import random
+
+    model = vllm_model if backend == "vllm" else default_model
+    rng = random.Random(3)
+    spec = mixed_spec(default_model)
+    chat = CHATS[4]
+
+    async def consume(stop_after: int, steering):
+        stream = model.stream_chat(chat, wb.SamplingParams(temperature=0, max_tokens=64), steering=steering)
+        n = 0
+        async for _ in stream:
+            n += 1
+            if n >= stop_after:
+                break
+        await stream.aclose()
+        return n
+
+    async def storm():
+        tasks = []
+        for i in range(20):
+            steering = spec if i % 2 else None
+            task = asyncio.create_task(consume(rng.randint(1, 30), steering))
+            tasks.append(task)
+            if i % 3 == 0:
+                await asyncio.sleep(rng.random() * 0.3)
+                task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    asyncio.run(storm())
+    for _ in range(100):
+        if model.active_requests == 0:
+            break
+        asyncio.run(asyncio.sleep(0.05))
+    assert model.active_requests == 0
+    [after] = asyncio.run(model.chat(chat, GREEDY, steering=spec))
+    [want] = asyncio.run(default_model.chat(chat, GREEDY, steering=spec))
+    assert after.token_ids == want.token_ids
+    if backend == "vllm":  # every slot is idle again
+        assert all(n == 0 for n in vllm_model._slots.refs.values())

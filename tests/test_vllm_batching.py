@@ -215,3 +215,9 @@ def test_engine_death_fails_requests_cleanly_and_a_new_engine_starts(vllm_small)
     refused_after = asyncio.run(flow())
     assert refused_after < 5
     model.close()
+    again = engine()  # the SteerModel can be loaded again in the same process
+    try:
+        [r] = asyncio.run(again.chat(conversations()[1], SAMPLING))
+        assert r.token_ids
+    finally:
+        again.close()
