@@ -199,7 +199,8 @@ def test_compiled_and_eager_modes_give_the_same_steered_tokens(vllm_model, defau
 
 @pytest.mark.parametrize("backend", ["hf", "vllm"])
 def test_capture_memory_does_not_grow_over_a_thousand_captured_requests(backend, vllm_model, default_model):
-    """1,000 captured requests, half fetched and read, half dropped unread: nothing accumulates."""
+    """1,000 requests capturing all 30 layers (~2 GB if kept), half fetched and read, half dropped unread:
+    nothing accumulates (the RSS bound leaves room for allocator noise, seen at +80 MiB with no capture)."""
     import psutil
 
     model = vllm_model if backend == "vllm" else default_model
@@ -212,7 +213,7 @@ def test_capture_memory_does_not_grow_over_a_thousand_captured_requests(backend,
         return psutil.Process().memory_info().rss
 
     async def batch():
-        _, handles = await model.chat(chats, params, capture_layers=[0, 15, 29])
+        _, handles = await model.chat(chats, params, capture_layers=list(range(30)))
         await model.fetch_captures_batch(handles[::2])
         total = sum(float(h.hidden(15).norm()) for h in handles[::2])
         del handles  # the other half is dropped unread
@@ -232,7 +233,7 @@ def test_capture_memory_does_not_grow_over_a_thousand_captured_requests(backend,
         assert vllm_model.worker_stats()[0]["capture_keys"] == 0
     growth = samples[1] - samples[0]
     print(f"{backend}: RSS growth over 800 captured requests after warm-up: {growth / 2**20:.1f} MiB")
-    assert growth < 64 * 2**20
+    assert growth < 256 * 2**20
 
 
 @pytest.mark.parametrize("backend", ["hf", "vllm"])

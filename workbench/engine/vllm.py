@@ -268,7 +268,7 @@ class VLLMSteerModel(SteerModel):
     def active_requests(self) -> int:
         """Requests queued or running (0 when idle)."""
         with self._cond:
-            return len(self._pending) + len(self._live)
+            return len(self._pending) + self._live_count()
 
     def close(self) -> None:
         """Stop the engine and its processes; further requests raise ``EngineError``."""
@@ -468,11 +468,19 @@ class VLLMSteerModel(SteerModel):
                 return  # closed while waiting
             outputs = engine.step()
             self.stats["steps"] += 1
-            self.stats["max_batch"] = max(self.stats["max_batch"], len(self._live))
+            self.stats["max_batch"] = max(self.stats["max_batch"], self._live_count())
             for out in outputs:
                 self._on_output(engine, out)
-        elif self._live and waiting:
-            time.sleep(0.001)
+        elif self._live:  # vLLM has nothing left for requests we still track: never leave them waiting
+            lost = EngineError("vLLM ended these requests without a result")
+            for live in list({id(l): l for l in self._live.values()}.values()):
+                self._finish(live, None)
+                live.req.emit(ErrorEvent(lost))
+        if waiting:
+            time.sleep(0.002)  # requests wait for a spec slot: do not spin
+
+    def _live_count(self) -> int:
+        return len({id(l) for l in self._live.values()})
 
     def _wait_for_output(self, engine) -> bool:
         """Wait until the engine core has sent output, watching its processes meanwhile.

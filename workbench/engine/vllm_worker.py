@@ -235,6 +235,7 @@ class WorkbenchWorker:
             if logits_at and key in logits_at:
                 result["logits"] = self._wb_logits(result[len(self._wb_layers) - 1][logits_at[key]])
             out[key] = {k: (tuple(t.shape), t.numpy().tobytes()) for k, t in result.items() if t is not None}
+        _trim()
         return out if self._wb_rank() == 0 else None
 
     def _wb_logits(self, row: torch.Tensor) -> torch.Tensor:
@@ -248,7 +249,10 @@ class WorkbenchWorker:
 
     def wb_release(self, keys) -> int:
         """Forget the captures of ``keys`` (handles closed or garbage-collected unread)."""
-        return sum(self._wb_store.pop(k, None) is not None for k in keys)
+        count = sum(self._wb_store.pop(k, None) is not None for k in keys)
+        if count:
+            _trim()
+        return count
 
     def wb_stats(self) -> dict:
         """Capture memory held in this worker."""
@@ -310,6 +314,16 @@ class WorkbenchWorker:
             for layer in layers:
                 rows = self._wb_layers[layer].wb_cap[offset:offset + n].to("cpu", torch.float32, copy=True)
                 store.setdefault(layer, []).append((start, rows))
+
+
+def _trim() -> None:
+    """Give freed capture memory back to the OS (glibc keeps it in its arenas otherwise)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except Exception:  # not glibc: nothing to do
+        pass
 
 
 def _assemble(parts) -> torch.Tensor:
