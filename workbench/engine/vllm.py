@@ -316,8 +316,7 @@ class VLLMSteerModel(SteerModel):
         def job(engine):
             replies = engine.collective_rpc("wb_fetch", args=(keys,), kwargs={"logits_at": logits_at})
             self.stats["capture_fetches"] += 1
-            data = next(r for r in replies if r is not None)
-            return {key: {k: _tensor(shape, raw) for k, (shape, raw) in parts.items()} for key, parts in data.items()}
+            return _unship(next(r for r in replies if r is not None))
         return job
 
     def _fill(self, handles, fetched: dict) -> None:
@@ -657,8 +656,32 @@ def _cpu_binding(ranks: int) -> str:
     return "|".join(",".join(str(c) for c in g) for g in groups)
 
 
-def _tensor(shape, raw: bytes) -> torch.Tensor:
-    return torch.frombuffer(bytearray(raw), dtype=torch.float32).view(*shape)
+def _unship(reply: dict) -> dict:
+    """Map the shared-memory file a worker wrote (``vllm_worker._ship``) and delete its name.
+
+    The tensors are views of one private mapping: no copy is made, and the memory goes when the
+    last of them does.
+    """
+    path = reply["file"]
+    if path is None:
+        return {key: {} for key in reply["index"]}
+    try:
+        size = os.path.getsize(path) // 4
+        data = torch.from_file(path, shared=False, size=size, dtype=torch.float32)
+    finally:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+    out = {}
+    for key, parts in reply["index"].items():
+        out[key] = {}
+        for name, (shape, offset) in parts.items():
+            n = 1
+            for d in shape:
+                n *= d
+            out[key][name] = data[offset // 4: offset // 4 + n].view(*shape)
+    return out
 
 
 def _dtype_name(dtype) -> str:
@@ -704,7 +727,6 @@ def _wait_with_progress(event: threading.Event, show: bool, desc: str) -> None:
 
     with tqdm(total=None, desc=desc, bar_format="{desc}: {elapsed}") as bar:
         while not event.wait(1.0):
-            bar.update(0)
             bar.refresh()
 
 
