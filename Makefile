@@ -69,6 +69,7 @@ bench: $(VENV)/.vllm-stamp
 	$(PY) benchmarks/api_overhead.py
 	$(PY) benchmarks/widgets_bench.py
 	$(PY) benchmarks/load_test.py --seconds 120 --clients 32
+	$(PY) benchmarks/vllm_bench.py
 
 serve: setup
 	$(VENV)/bin/workbench serve $(SERVE_ARGS)
