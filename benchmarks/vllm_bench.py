@@ -59,7 +59,10 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--only", choices=["steering", "capture", "backends"], action="append",
+                    help="run only these parts (repeatable; default: all)")
     args = ap.parse_args()
+    parts = set(args.only or ["steering", "capture", "backends"])
 
     model = wb.load("default", backend="vllm", kv_cache_gb=2)
     print(f"vLLM engine (compiled mode) started in {model.load_seconds:.0f} s")
@@ -69,7 +72,11 @@ def main() -> None:
     asyncio.run(timed(model, convs32[:4], 8))  # warm-up
     asyncio.run(timed(model, convs32[:4], 8, steering=steering32[:4]))
 
-    runs = {"unsteered": [], "steered": [], "capture_1": [], "capture_all": []}
+    runs = {"unsteered": []}
+    if "steering" in parts:
+        runs["steered"] = []
+    if "capture" in parts:
+        runs.update(capture_1=[], capture_all=[])
     for _ in range(args.repeats):
         for name in runs:
             steering = steering32 if name == "steered" else None
@@ -79,10 +86,15 @@ def main() -> None:
     med = {k: statistics.median(v) for k, v in runs.items()}
     print(f"32 requests x {args.tokens} tokens, tok/s (median of {args.repeats}): "
           + ", ".join(f"{k} {v:.0f}" for k, v in med.items()))
-    print(f"steered (4 specs, additive on all {model.layer_count} layers) / unsteered throughput: "
-          f"{med['steered'] / med['unsteered']:.3f}  (goal >= 0.95)")
-    print(f"capture overhead, 1 layer:  {med['unsteered'] / med['capture_1'] - 1:+.1%}  (goal <= 3%)")
-    print(f"capture overhead, all layers: {med['unsteered'] / med['capture_all'] - 1:+.1%}  (goal <= 25%)")
+    if "steered" in med:
+        print(f"steered (4 specs, additive on all {model.layer_count} layers) / unsteered throughput: "
+              f"{med['steered'] / med['unsteered']:.3f}  (goal >= 0.95)")
+    if "capture_1" in med:
+        print(f"capture overhead, 1 layer:  {med['unsteered'] / med['capture_1'] - 1:+.1%}  (goal <= 3%)")
+        print(f"capture overhead, all layers: {med['unsteered'] / med['capture_all'] - 1:+.1%}  (goal <= 25%)")
+    if "backends" not in parts:
+        model.close()
+        return
 
     convs64 = prompts(64)
     hf = wb.load("default", backend="hf")
