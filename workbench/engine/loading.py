@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 
 from ..errors import ValidationError
 from ..models import canonical_name, resolve_model
@@ -11,7 +10,9 @@ BACKENDS = ("auto", "hf", "vllm")
 
 
 def _vllm_usable() -> bool:
-    if importlib.util.find_spec("vllm") is None:
+    from .vllm import vllm_available
+
+    if not vllm_available():
         return False
     import torch
 

@@ -19,9 +19,11 @@ workers run in their own processes): it admits requests, uploads spec tables to 
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import concurrent.futures
 import contextlib
+import math
 import os
 import sys
 import threading
@@ -147,7 +149,6 @@ class _Remote:
     """Captures of a finished request that are still in the workers."""
 
     key: str
-    layers: tuple
 
 
 class RemoteCaptureHandle(CaptureHandle):
@@ -167,9 +168,7 @@ class RemoteCaptureHandle(CaptureHandle):
         if layer in self.layer_indices and not self.fetched:
             model = self._model()
             if model is None:
-                from ..errors import ValidationError as _VE
-
-                raise _VE("the model that made this handle is gone; its captures went with it")
+                raise ValidationError("the model that made this handle is gone; its captures went with it")
             model._fetch_now([self])
         super()._require(layer)
 
@@ -326,18 +325,18 @@ class VLLMSteerModel(SteerModel):
             h._released.detach()
 
     def _fetch_now(self, handles) -> None:
-        keys = [h._key for h in handles]
-        self._fill(handles, self._call(self._fetch_job(keys)).result())
+        self._fill(handles, self._call(self._fetch_job([h._key for h in handles])).result())
+
+    async def _fetch(self, keys: list) -> dict:
+        """``{key: {layer: tensor}}`` for ``keys``, in one round trip to the workers."""
+        return await asyncio.wrap_future(self._call(self._fetch_job(keys)))
 
     async def fetch_captures_batch(self, handles) -> list:
         """Fetch the captures of many handles from the workers in one round trip; return the handles."""
-        import asyncio
-
         handles = [handles] if isinstance(handles, CaptureHandle) else list(handles)
         todo = [h for h in handles if isinstance(h, RemoteCaptureHandle) and not h.fetched]
         if todo:
-            fetched = await asyncio.wrap_future(self._call(self._fetch_job([h._key for h in todo])))
-            self._fill(todo, fetched)
+            self._fill(todo, await self._fetch([h._key for h in todo]))
         return handles
 
     def _handle(self, request_id, capture, prompt_ids, result, boundaries=()) -> CaptureHandle:
@@ -351,12 +350,10 @@ class VLLMSteerModel(SteerModel):
 
     async def _materialize(self, results: list) -> None:
         """Fetch the captures of finished results in one round trip (used by ``encode``)."""
-        import asyncio
-
         remote = [r for r in results if isinstance(r.captures, _Remote)]
         if not remote:
             return
-        fetched = await asyncio.wrap_future(self._call(self._fetch_job([r.captures.key for r in remote])))
+        fetched = await self._fetch([r.captures.key for r in remote])
         for r in remote:
             r.captures = fetched.get(r.captures.key, {})
 
@@ -608,7 +605,7 @@ class VLLMSteerModel(SteerModel):
                 logits = parts.get("logits")
                 captures = {layer: t for layer, t in parts.items() if layer in live.req.capture_layers}
             elif live.req.capture_layers:
-                captures = _Remote(live.capture_key, tuple(live.req.capture_layers))
+                captures = _Remote(live.capture_key)
         live.req.emit(FinishEvent(live.finish_reason, live.stream.text, list(live.out_ids), captures, logits))
 
     def _fail_all(self, exc: BaseException) -> None:
@@ -677,10 +674,7 @@ def _unship(reply: dict) -> dict:
     for key, parts in reply["index"].items():
         out[key] = {}
         for name, (shape, offset) in parts.items():
-            n = 1
-            for d in shape:
-                n *= d
-            out[key][name] = data[offset // 4: offset // 4 + n].view(*shape)
+            out[key][name] = data[offset // 4: offset // 4 + math.prod(shape)].view(*shape)
     return out
 
 

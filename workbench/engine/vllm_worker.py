@@ -230,12 +230,13 @@ class WorkbenchWorker:
         if logits_at:
             last = len(self._wb_layers) - 1
             for key, pos in logits_at.items():
-                if last in stores.get(key, {}):
-                    extra[key] = {"logits": self._wb_logits(_assemble(stores[key][last])[pos])}
+                logits = self._wb_logits(_assemble(stores[key][last])[pos]) if last in stores.get(key, {}) else None
+                if logits is not None:
+                    extra[key] = {"logits": logits}
         if self._wb_rank() != 0:
             return None
         reply = _ship(stores, extra)
-        self._wb_freed(sum(t.numel() * 4 for parts in stores.values() for chunks in parts.values() for _, t in chunks))
+        self._wb_freed(sum(_nbytes(parts) for parts in stores.values()))
         return reply
 
     def _wb_freed(self, nbytes: int) -> None:
@@ -257,13 +258,12 @@ class WorkbenchWorker:
     def wb_release(self, keys) -> int:
         """Forget the captures of ``keys`` (handles closed or garbage-collected unread)."""
         gone = [self._wb_store.pop(k, None) for k in keys]
-        self._wb_freed(sum(t.numel() * 4 for parts in gone if parts for chunks in parts.values() for _, t in chunks))
+        self._wb_freed(sum(_nbytes(parts) for parts in gone if parts))
         return sum(g is not None for g in gone)
 
     def wb_stats(self) -> dict:
         """Capture memory held in this worker."""
-        held = sum(t.numel() * t.element_size() for layers in self._wb_store.values()
-                   for parts in layers.values() for _, t in parts)
+        held = sum(_nbytes(parts) for parts in self._wb_store.values())
         try:
             import psutil
 
@@ -392,6 +392,11 @@ def _in_order(chunks) -> bool:
     return True
 
 
+def _nbytes(parts: dict) -> int:
+    """Bytes held by one request's captured chunks (``{layer: [(start, rows)]}``)."""
+    return sum(rows.numel() * rows.element_size() for chunks in parts.values() for _, rows in chunks)
+
+
 def _positions(chunks) -> int:
     return max(start + rows.shape[0] for start, rows in chunks)
 
@@ -408,14 +413,9 @@ def _trim() -> None:
 
 def _assemble(parts) -> torch.Tensor:
     """Rows by position; a recomputed position (after preemption) overwrites the earlier copy."""
-    expected = 0
-    for start, rows in parts:  # the usual case: chunks in order, each where the last one ended
-        if start != expected:
-            break
-        expected += rows.shape[0]
-    else:
+    if _in_order(parts):  # the usual case: chunks in order, each where the last one ended
         return torch.cat([rows for _, rows in parts])
-    end = max(start + rows.shape[0] for start, rows in parts)
+    end = _positions(parts)
     out = torch.empty(end, parts[0][1].shape[1], dtype=torch.float32)
     seen = torch.zeros(end, dtype=torch.bool)
     for start, rows in parts:
