@@ -57,6 +57,8 @@ CATALOGUE = {
     "steering vector of wrong size": (CHAT, chat(steering=spec(vector=[1.0, 2.0])), None, {400}, "hidden size"),
     "steering vector with NaN": (CHAT, chat(steering=spec(vector=[math.nan] * 576)), None, {400}, "non-finite"),
     "steering vector overflowing float32": (CHAT, chat(steering=spec(vector=[1e39] * 576)), None, {400}, "non-finite"),
+    "steering strength overflowing inside the model": (CHAT, chat(steering=spec(vector=[4.0] * 576, scale=1e38)), None,
+                                                       {400}, "inf/NaN"),
     "steering layer out of range": (CHAT, chat(steering=spec(layer=99)), None, {400}, "out of range"),
     "steering negative layer": (CHAT, chat(steering=spec(layer=-1)), None, {400}, "out of range"),
     "steering unknown op": (CHAT, chat(steering=spec(kind="rotate")), None, {400}, "rotate"),

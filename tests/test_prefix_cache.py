@@ -52,6 +52,7 @@ async def test_steered_prefix_is_never_reused_by_another_spec(tiny, uncached):
     v = torch.randn(tiny.hidden_size, generator=torch.Generator().manual_seed(3)) * 3
     spec = wb.SteeringSpec(layers={1: [wb.AddSpec(v)]})
     prompt = "Pirates sail the seven seas looking for treasure"
+    tiny.prefix_cache.clear()  # unsteered entries of earlier tests ("Pirates sail") would be fair hits
     await tiny.generate(prompt, GREEDY, steering=spec)
     before = tiny.stats["prefix_hit_tokens"]
     plain = await tiny.generate(prompt + " today", GREEDY)

@@ -15,7 +15,7 @@ import torch
 import workbench as wb
 from workbench.engine.vllm import RemoteCaptureHandle
 
-from conftest import reference_hidden
+from conftest import assert_close_rel, reference_hidden
 
 pytestmark = pytest.mark.integration
 
@@ -278,3 +278,85 @@ def test_streams_cancelled_at_random_points_free_their_slots(backend, vllm_model
     assert after.token_ids == want.token_ids
     if backend == "vllm":  # every slot is idle again
         assert all(n == 0 for n in vllm_model._slots.refs.values())
+
+
+def overflow_spec(model, layer: int = 3) -> wb.SteeringSpec:
+    """Finite vector and scale (every input check passes) whose product, 4e38 per entry, is inf in float32."""
+    return wb.SteeringSpec(layers={layer: [wb.AddSpec(torch.full((model.hidden_size,), 4.0), scale=1e38)]})
+
+
+async def _one(model, chat, params, steering=None, capture=None):
+    if capture:
+        [r], [h] = await model.chat([chat], params, steering=steering, capture_layers=capture)
+        return r, h.hidden(capture[0])
+    [r] = await model.chat([chat], params, steering=steering)
+    return r
+
+
+def _tokens(result):
+    return result[0].token_ids if isinstance(result, tuple) else result.token_ids
+
+
+@pytest.mark.parametrize("backend", ["hf", "vllm"])
+def test_a_request_whose_steering_overflows_fails_alone(backend, vllm_model, default_model):
+    """Greedy and sampled overflowing requests amid steered, plain and captured ones: only they fail,
+    with NonFiniteActivationError (HTTP 400); the rest equal their solo runs and the engine goes on."""
+    model = vllm_model if backend == "vllm" else default_model
+    spec = mixed_spec(default_model)
+    jobs = [(CHATS[0], GREEDY, spec), (CHATS[1], GREEDY, None), (CHATS[2], GREEDY, None, [9])]
+    solo = [asyncio.run(_one(model, *job)) for job in jobs]
+    bad = [(CHATS[3], GREEDY, overflow_spec(model)),
+           (CHATS[4], wb.SamplingParams(temperature=0.8, seed=3, max_tokens=48), overflow_spec(model, 20))]
+
+    async def together():
+        return await asyncio.gather(*(_one(model, *job) for job in [bad[0], *jobs, bad[1]]), return_exceptions=True)
+
+    got = asyncio.run(together())
+    for err in (got[0], got[-1]):
+        assert isinstance(err, wb.NonFiniteActivationError), err
+        assert "inf/NaN" in str(err)
+    got = got[1:-1]
+    assert [_tokens(g) for g in got] == [_tokens(s) for s in solo]
+    assert_close_rel(got[2][1], solo[2][1])  # its captures too (batch shape moves only the last bits)
+    for _ in range(100):
+        if model.active_requests == 0:
+            break
+        asyncio.run(asyncio.sleep(0.05))
+    assert model.active_requests == 0
+    if backend == "vllm":
+        assert all(n == 0 for n in vllm_model._slots.refs.values())  # the failed requests' slots are free
+        stats = vllm_model.worker_stats()[0]
+        assert stats["failed"] >= 2 and stats["kv_scrubs"] >= 1 and stats["capture_keys"] == 0
+    # the engine goes on, exactly: the five chats equal the hf reference
+    after = asyncio.run(model.chat(CHATS, GREEDY))
+    assert [a.token_ids for a in after] == [w.token_ids for w in asyncio.run(default_model.chat(CHATS, GREEDY))]
+
+
+@pytest.mark.parametrize("backend", ["hf", "vllm"])
+def test_a_request_whose_output_handling_raises_fails_alone(backend, vllm_model, default_model, monkeypatch):
+    """A fault in one request's detokenization (injected: it trips on a stop string only that request has)."""
+    from workbench.engine import hf as hf_engine
+    from workbench.engine import vllm as vllm_engine
+
+    model = vllm_model if backend == "vllm" else default_model
+    module = vllm_engine if backend == "vllm" else hf_engine
+    jobs = [(CHATS[0], GREEDY), (CHATS[1], GREEDY, mixed_spec(default_model))]
+    solo = [asyncio.run(_one(model, *job)) for job in jobs]
+    real = module.token_step
+
+    def flaky(stream, token, params, *args):
+        if "<fault>" in params.stop and len(stream._ids) >= 5:
+            raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "injected fault")
+        return real(stream, token, params, *args)
+
+    monkeypatch.setattr(module, "token_step", flaky)
+    faulty = wb.SamplingParams(temperature=0.0, max_tokens=48, stop=["<fault>"])
+
+    async def together():
+        return await asyncio.gather(_one(model, *jobs[0]), _one(model, CHATS[4], faulty), _one(model, *jobs[1]),
+                                    return_exceptions=True)
+
+    got = asyncio.run(together())
+    err = got.pop(1)
+    assert isinstance(err, wb.RequestFailedError) and "injected fault" in str(err), err
+    assert [_tokens(g) for g in got] == [_tokens(s) for s in solo]

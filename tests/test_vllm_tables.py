@@ -97,3 +97,68 @@ def test_captured_chunks_assemble_by_position_and_a_gap_is_an_error():
     assert out.shape == (5, H) and float(out[4, 0]) == 4.0
     with pytest.raises(RuntimeError, match="missing position 3"):
         _assemble([(0, a), (4, b)])
+
+
+class _Layer:
+    def __init__(self, rows: int):
+        self.wb_cap = torch.randn(rows, H)
+
+
+def _worker(tmp_path, kv):
+    """A WorkbenchWorker's per-step state without vLLM: three layers, a KV cache, a fault counter file."""
+    import types
+
+    import numpy as np
+
+    from workbench.engine.vllm import _FaultCounter
+    from workbench.engine.vllm_worker import WorkbenchWorker
+
+    counter = _FaultCounter()
+    w = object.__new__(WorkbenchWorker)
+    w._wb_layers = [_Layer(8) for _ in range(3)]
+    w._wb_store, w._wb_failed, w._wb_step, w._wb_check = {}, {}, [], None
+    w._wb_counts = {"failed": 0, "kv_scrubs": 0}
+    w._wb_faults = np.memmap(counter.path, dtype=np.int64, mode="r+", shape=(1,))
+    w.model_runner = types.SimpleNamespace(kv_caches=kv)
+    return w, counter
+
+
+def test_a_non_finite_row_fails_its_request_alone_and_the_kv_cache_is_scrubbed(tmp_path):
+    import numpy as np
+
+    kv = [torch.randn(2, 4, 3), torch.randn(2, 4, 3)]
+    kv[1][1, 2, 0] = float("nan")
+    kv[0][0, 0, 1] = float("inf")
+    clean = [t.nan_to_num(0.0, 0.0, 0.0) for t in kv]
+    w, counter = _worker(tmp_path, [kv[0], (kv[1],)])
+    try:
+        w._wb_layers[-1].wb_cap[3, 5] = float("nan")  # token 3: the one token of request "b"
+        w._wb_check = (["a", "b", "c"], np.array([3, 1, 2]))
+        w._wb_after()
+        assert w._wb_failed == {"b": ("nonfinite", "inf/NaN in the residual stream")}
+        assert counter.moved() and not counter.moved()  # the kernel sees one bump, once
+        assert all(torch.equal(t, c) for t, c in zip(kv, clean))  # NaN/inf zeroed, finite entries untouched
+        assert w.wb_failures() == {"b": ("nonfinite", "inf/NaN in the residual stream")} and w.wb_failures() == {}
+        w._wb_layers[-1].wb_cap[3, 5] = 0.0
+        w._wb_check = (["a", "b", "c"], np.array([3, 1, 2]))
+        w._wb_after()  # all finite: nothing reported, nothing scrubbed
+        assert w._wb_failed == {} and w._wb_counts["kv_scrubs"] == 1 and not counter.moved()
+    finally:
+        counter.close()
+
+
+def test_a_capture_copy_that_raises_fails_only_the_captured_requests_and_does_not_raise(tmp_path):
+    w, counter = _worker(tmp_path, [])
+    try:
+        # (key, layers, offset, rows, start, request id): layer 7 does not exist, so the copy raises
+        w._wb_step = [("k1", (1, 7), 0, 2, 0, "r1"), ("k2", (1, 7), 2, 3, 0, "r2")]
+        w._wb_after()
+        assert set(w._wb_failed) == {"r1", "r2"} and all(kind == "error" for kind, _ in w._wb_failed.values())
+        assert "capturing failed" in w._wb_failed["r1"][1]
+        assert w._wb_store == {} and counter.moved()
+        w._wb_step = [("k3", (0, 2), 0, 2, 5, "r3")]  # the next step's copy works as before
+        w._wb_after()
+        assert torch.equal(w._wb_store["k3"][2][0][1], w._wb_layers[2].wb_cap[0:2])
+        assert "r3" not in w._wb_failed
+    finally:
+        counter.close()

@@ -11,7 +11,7 @@ from .chat import ChatResponse, MessageBoundary, StreamChunk
 from .engine import SteerModel, load
 from .errors import (
     APIConnectionError, APIError, APIValidationError, BackendUnavailableError, EmptyInputError, EngineError, LayerOutOfRangeError, ModelNotFoundError,
-    PromptTooLongError, SteeringStackEmptyError, UnknownFeatureError, ValidationError, VectorError, WorkbenchError,
+    NonFiniteActivationError, PromptTooLongError, RequestFailedError, SteeringStackEmptyError, UnknownFeatureError, ValidationError, VectorError, WorkbenchError,
 )
 from .features import SAE, Feature, FeatureSet, InterventionSpec, Variant
 from .models import resolve_model
@@ -23,8 +23,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "APIConnectionError", "APIError", "APIValidationError", "AsyncClient", "Client", "AblationSpec", "AddSpec", "Feature", "FeatureSet", "InterventionSpec", "SAE", "UnknownFeatureError", "Variant", "BackendUnavailableError", "CaptureHandle", "ChatResponse", "EmptyInputError",
-    "EngineError", "LayerOutOfRangeError", "LayerSteeringSpec", "MessageBoundary", "ModelNotFoundError",
-    "ProjectionCapSpec", "PromptTooLongError", "SAEClampSpec", "SamplingParams", "SteerModel", "SteeringSpec",
+    "EngineError", "LayerOutOfRangeError", "LayerSteeringSpec", "MessageBoundary", "ModelNotFoundError", "NonFiniteActivationError",
+    "ProjectionCapSpec", "PromptTooLongError", "RequestFailedError", "SAEClampSpec", "SamplingParams", "SteerModel", "SteeringSpec",
     "SteeringStackEmptyError", "StreamChunk", "ValidationError", "VectorError", "WorkbenchError", "load",
     "resolve_model", "strength_sweep",
 ]

@@ -13,6 +13,8 @@ Every error the workbench raises on purpose is a ``WorkbenchError``::
     ├── SteeringStackEmptyError    pop on an empty steering stack; also an IndexError
     ├── BackendUnavailableError    a backend that is not installed or not usable here
     ├── EngineError                the engine failed or was closed while serving a request
+    │   └── RequestFailedError     one request failed inside the engine; the engine and the others go on
+    │       └── NonFiniteActivationError  its steering drove the residual stream to inf/NaN (also a ValidationError)
     └── APIError                   a thin-API call failed; carries status_code and the server's detail
         ├── APIValidationError     4xx: the request was refused (also a ValidationError)
         └── APIConnectionError     the server could not be reached
@@ -69,6 +71,25 @@ class BackendUnavailableError(WorkbenchError):
 
 class EngineError(WorkbenchError, RuntimeError):
     """The engine failed (or was closed) while serving a request."""
+
+
+class RequestFailedError(EngineError):
+    """One request failed inside the engine (its sampler, detokenizer or forward pass raised).
+
+    Only that request ends with this error: the engine keeps serving, and the requests that shared
+    its batch finish with the tokens they would have produced alone.
+    """
+
+
+class NonFiniteActivationError(RequestFailedError, ValidationError):
+    """The request's steering made the residual stream inf or NaN (a strength too large for the dtype).
+
+    Raised instead of returning tokens sampled from NaN logits; a bad input, so HTTP 400.
+    """
+
+    def __init__(self, detail: str | None = None):
+        super().__init__(detail or "the residual stream became inf/NaN under this request's steering (a strength too "
+                                   "large for the model's dtype?); lower the strength. Other requests were not affected")
 
 
 class APIError(WorkbenchError):

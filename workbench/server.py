@@ -58,7 +58,7 @@ def _openapi(app: FastAPI) -> dict:
             ok["content"]["text/event-stream"] = {"schema": {"type": "string"}}
         op = doc["paths"][path]["post"]
         op["requestBody"] = {"required": True, "content": {"application/json": {"schema": ref(schema)}}}
-        op["responses"] = {"200": ok, **{str(code): error for code in (400, 401, 404, 413, 415, 422, 503)}}
+        op["responses"] = {"200": ok, **{str(code): error for code in (400, 401, 404, 413, 415, 422, 500, 503)}}
     app.openapi_schema = doc
     return doc
 

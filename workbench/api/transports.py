@@ -11,7 +11,7 @@ import json
 
 import pydantic
 
-from ..errors import APIError, APIValidationError, EngineError, ValidationError, WorkbenchError
+from ..errors import APIError, APIValidationError, EngineError, RequestFailedError, ValidationError, WorkbenchError
 from . import schemas as s
 from .handlers import Service
 
@@ -33,6 +33,8 @@ def error_status(exc: BaseException) -> int:
     """The HTTP status an error maps to (the server uses the same table)."""
     if isinstance(exc, (ValidationError, pydantic.ValidationError)):
         return 422 if isinstance(exc, pydantic.ValidationError) else 400
+    if isinstance(exc, RequestFailedError):  # this request alone failed: the server is fine
+        return 500
     if isinstance(exc, EngineError):
         return 503
     return 500

@@ -19,7 +19,8 @@ import torch
 from ..capture import CaptureHandle
 from ..chat import ChatResponse, StreamChunk, check_chat_options, normalize_conversations, render_chat
 from ..errors import (
-    EmptyInputError, EngineError, LayerOutOfRangeError, PromptTooLongError, SteeringStackEmptyError, ValidationError,
+    EmptyInputError, EngineError, LayerOutOfRangeError, PromptTooLongError, RequestFailedError, SteeringStackEmptyError,
+    ValidationError, WorkbenchError,
 )
 from ..sampling import SamplingParams
 from ..steering import AblationSpec, AddSpec, ProjectionCapSpec, SteeringSpec, replace_op
@@ -68,6 +69,14 @@ class FinishEvent:
 @dataclass
 class ErrorEvent:
     error: BaseException
+
+
+def request_failed(cause) -> BaseException:
+    """The error a request that failed alone ends with (a workbench error is passed on as it is)."""
+    if isinstance(cause, WorkbenchError):
+        return cause
+    detail = f"{type(cause).__name__}: {cause}" if isinstance(cause, BaseException) else str(cause)
+    return RequestFailedError(f"this request failed inside the engine ({detail}); the other requests were not affected")
 
 
 @dataclass

@@ -59,3 +59,22 @@ class TextStream:
         delta = self.text[self._emitted:end]
         self._emitted = end
         return delta
+
+
+def token_step(stream: TextStream, token: int, params, eos_ids, generated: int, total: int,
+               max_model_len: int) -> tuple[str, str | None]:
+    """Push one generated token: its text delta and the finish reason it causes (None: go on).
+
+    ``generated`` counts the reply's tokens including this one, ``total`` the prompt's too. Shared
+    by both backends so "stop" and "length" mean the same on each.
+    """
+    is_eos = token in eos_ids and not (params.ignore_eos and token not in params.stop_token_ids)
+    delta = "" if is_eos else stream.push(token)
+    reason = None
+    if is_eos or stream.stopped:
+        reason = "stop"
+    elif generated >= params.max_tokens or total >= max_model_len:
+        reason = "length"
+    if reason is not None:
+        delta += stream.finish()
+    return delta, reason

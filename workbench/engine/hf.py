@@ -21,11 +21,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..errors import EngineError
+from ..errors import EngineError, NonFiniteActivationError
 from ..sampling import make_generator, sample_token
 from ..steering import AddSpec, SteeringSpec
-from .base import ErrorEvent, FinishEvent, Request, SteerModel, TokenEvent
-from .detok import TextStream
+from .base import ErrorEvent, FinishEvent, Request, SteerModel, TokenEvent, request_failed
+from .detok import TextStream, token_step
 from .prefix_cache import PrefixCache
 
 
@@ -149,19 +149,99 @@ class HFSteerModel(SteerModel):
                 self._drop_finished()
                 with torch.inference_mode():
                     if encode:
-                        self._encode(encode)
+                        self._isolated(self._encode, encode)
                     if new:
-                        self._prefill(new)
+                        self._isolated(self._prefill, new)
                     elif self._rows:
-                        self._decode()
+                        self._decode_isolated()
                 self._drop_finished()
-            except Exception as exc:  # one failing pass must not kill the engine
-                failed = [r.req for r in self._rows] + [r for r in new + encode if r not in {x.req for x in self._rows}]
+            except Exception as exc:  # a pass that fails for every request alike: fail them, keep the engine
+                running = {id(r.req) for r in self._rows}  # (requests are unhashable dataclasses)
+                failed = [r.req for r in self._rows] + [r for r in new + encode if id(r) not in running]
                 for req in failed:
                     req.emit(ErrorEvent(EngineError(f"forward pass failed: {type(exc).__name__}: {exc}")))
                 self._reset_batch()
             finally:
                 self._pass = None
+
+    # ------------------------------------------------------------------ failure isolation
+    def _isolated(self, run, reqs: list[Request]) -> None:
+        """Run a prefill or encode pass; if it raises, run each request alone so only the culprit fails.
+
+        These passes only touch the running batch after their forward succeeded, so a retry is clean.
+        """
+        try:
+            run(reqs)
+            return
+        except Exception as exc:
+            if {id(r.req) for r in self._rows} & {id(q) for q in reqs}:  # failed after merging: no clean retry
+                raise
+            if len(reqs) == 1:
+                self._fail(reqs[0], exc)
+                return
+        for req in reqs:
+            try:
+                run([req])
+            except Exception as exc:
+                if any(r.req is req for r in self._rows):
+                    raise
+                self._fail(req, exc)
+
+    def _decode_isolated(self) -> None:
+        """Advance the batch one token; if the pass raises, find the rows that fail alone and drop them.
+
+        The failed pass may have appended KV to some layers and capture chunks to some rows: both are
+        rolled back. Each row is then run alone on a copy of its cache (no sampling, no capture); rows
+        that raise alone fail, and the rest run their batched step again. A failure no single row
+        reproduces is the batch's, and fails it (the caller's handler).
+        """
+        width = self._mask.shape[1]
+        marks = [(chunks, len(chunks)) for row in self._rows for chunks in row.chunks.values()]
+        try:
+            self._decode()
+            return
+        except Exception as exc:
+            first = exc
+        self._pass = None
+        self._cache.crop(width)
+        self._mask = self._mask[:, :width]
+        for chunks, n in marks:
+            del chunks[n:]
+        culprits = []
+        for i, row in enumerate(self._rows):
+            try:
+                self._probe(i)
+            except Exception as exc:
+                culprits.append((row, exc))
+        if not culprits:
+            raise first
+        for row, exc in culprits:
+            self._fail(row.req, exc, row)
+        self._drop_finished()
+        if self._rows:
+            self._decode()
+
+    def _probe(self, i: int) -> None:
+        """Row ``i``'s next decode forward alone, on a copy of its cache; the batch's state is untouched."""
+        from transformers import DynamicCache
+
+        row = self._rows[i]
+        cache = DynamicCache(ddp_cache_data=[(layer.keys[i:i + 1].clone(), layer.values[i:i + 1].clone())
+                                             for layer in self._cache.layers])
+        mask = torch.cat([self._mask[i:i + 1], self._mask.new_ones((1, 1))], dim=1)
+        ids = torch.tensor([[row.out_ids[-1]]], device=self.device)
+        self._pass = _Pass(self._build_plans([row.req.steering]), {})
+        try:
+            self.hf_model(input_ids=ids, attention_mask=mask, position_ids=self._next_pos[i:i + 1, None],
+                          past_key_values=cache, use_cache=True)
+        finally:
+            self._pass = None
+
+    def _fail(self, req: Request, exc: BaseException, row: "_Row | None" = None) -> None:
+        """End one request with an error; the engine and the other requests go on."""
+        if row is not None:
+            row.finish_reason = "error"  # dropped by _drop_finished, its KV is not remembered
+        req.emit(ErrorEvent(request_failed(exc)))
 
     def _reset_batch(self) -> None:
         self._rows, self._cache, self._mask, self._next_pos, self._plan_key = [], None, None, None, None
@@ -253,14 +333,15 @@ class HFSteerModel(SteerModel):
     def _decode(self) -> None:
         rows = self._rows
         ids = torch.tensor([[r.out_ids[-1]] for r in rows], device=self.device)
-        self._mask = torch.cat([self._mask, self._mask.new_ones((len(rows), 1))], dim=1)
+        mask = torch.cat([self._mask, self._mask.new_ones((len(rows), 1))], dim=1)
         key = tuple(id(r.req.steering) for r in rows)
         if key != self._plan_key:  # plans only change when the batch does
             self._plans, self._plan_key = self._build_plans([r.req.steering for r in rows]), key
         self._pass = _Pass(self._plans, self._capture_map(rows, [0] * len(rows)))
-        out = self.hf_model(input_ids=ids, attention_mask=self._mask, position_ids=self._next_pos[:, None],
+        out = self.hf_model(input_ids=ids, attention_mask=mask, position_ids=self._next_pos[:, None],
                             past_key_values=self._cache, use_cache=True)
         self._pass = None
+        self._mask = mask
         self._next_pos = self._next_pos + 1
         self.stats["decode_passes"] += 1
         self._sample(rows, out.logits[:, -1, :])
@@ -293,7 +374,8 @@ class HFSteerModel(SteerModel):
             return
         if self.prefix_cache is not None and self._cache is not None:
             for i, row in enumerate(self._rows):
-                if i not in keep:  # finished or stopped: what it fed so far is valid KV either way
+                # finished or stopped: what it fed so far is valid KV either way (a failed row's may not be)
+                if i not in keep and row.finish_reason != "error":
                     self._remember(i, row)
         if not keep:
             self._reset_batch()
@@ -321,32 +403,37 @@ class HFSteerModel(SteerModel):
     # ------------------------------------------------------------------ sampling and results
     def _sample(self, rows: list[_Row], logits: torch.Tensor) -> None:
         greedy = logits.argmax(dim=-1).tolist()
+        finite = torch.isfinite(logits).all(dim=-1).tolist()
         for i, row in enumerate(rows):
-            if row.req.cancelled:
+            if row.req.cancelled or row.finish_reason is not None:
                 continue
-            params = row.req.sampling
-            if params.greedy and params.repetition_penalty == 1.0:
-                token = greedy[i]
-            else:
-                seen = torch.tensor(row.req.prompt_ids + row.out_ids, device=logits.device)
-                token = sample_token(logits[i], params, row.generator, seen)
-            if row.req.want_logits and not row.out_ids:
-                row.logits = logits[i].float().cpu()
-            row.out_ids.append(token)
-            self.stats["tokens"] += 1
-            is_eos = token in row.eos_ids and not (params.ignore_eos and token not in params.stop_token_ids)
-            delta = "" if is_eos else row.stream.push(token)
-            if is_eos or row.stream.stopped:
-                row.finish_reason = "stop"
-            elif len(row.out_ids) >= params.max_tokens or len(row.req.prompt_ids) + len(row.out_ids) >= self.max_model_len:
-                row.finish_reason = "length"
-            if row.finish_reason is not None:
-                delta += row.stream.finish()
-            row.req.emit(TokenEvent(token, delta))  # one event per token, eos included (text "")
-            if row.finish_reason is not None:
-                captures = {layer: torch.cat(chunks) if chunks else torch.empty(0, self.hidden_size)
-                            for layer, chunks in row.chunks.items()}
-                row.req.emit(FinishEvent(row.finish_reason, row.stream.text, list(row.out_ids), captures, row.logits))
+            if not finite[i]:
+                self._fail(row.req, NonFiniteActivationError(), row)
+                continue
+            try:
+                self._advance(row, i, greedy, logits)
+            except Exception as exc:  # this row's sampler or detokenizer: it fails alone
+                self._fail(row.req, exc, row)
+
+    def _advance(self, row: _Row, i: int, greedy: list, logits: torch.Tensor) -> None:
+        """Sample row ``i``'s next token, stream its text, and finish it when it is done."""
+        params = row.req.sampling
+        if params.greedy and params.repetition_penalty == 1.0:
+            token = greedy[i]
+        else:
+            seen = torch.tensor(row.req.prompt_ids + row.out_ids, device=logits.device)
+            token = sample_token(logits[i], params, row.generator, seen)
+        if row.req.want_logits and not row.out_ids:
+            row.logits = logits[i].float().cpu()
+        row.out_ids.append(token)
+        self.stats["tokens"] += 1
+        delta, row.finish_reason = token_step(row.stream, token, params, row.eos_ids, len(row.out_ids),
+                                              len(row.req.prompt_ids) + len(row.out_ids), self.max_model_len)
+        row.req.emit(TokenEvent(token, delta))  # one event per token, eos included (text "")
+        if row.finish_reason is not None:
+            captures = {layer: torch.cat(chunks) if chunks else torch.empty(0, self.hidden_size)
+                        for layer, chunks in row.chunks.items()}
+            row.req.emit(FinishEvent(row.finish_reason, row.stream.text, list(row.out_ids), captures, row.logits))
 
     # ------------------------------------------------------------------ steering and capture
     def _capture_map(self, rows: list[_Row], starts: list[int]) -> dict:

@@ -15,6 +15,10 @@ workers run in their own processes): it admits requests, uploads spec tables to 
   (vLLM is asked for token ids only), so both backends give the same text for the same tokens.
 - Captures stay in the workers until fetched (one RPC for many handles); a handle that is closed
   or garbage-collected unread releases them.
+- A request that fails inside the workers (its steering drives the stream to inf/NaN) fails alone:
+  the worker bumps a counter in a small shared-memory file that this side reads after every step
+  (free), and asks for the failed requests only when it moved; they end with an error, the others
+  go on. An exception here while handling one request's output fails that request alone too.
 """
 
 from __future__ import annotations
@@ -36,10 +40,12 @@ from dataclasses import dataclass, field
 import torch
 
 from ..capture import CaptureHandle
-from ..errors import BackendUnavailableError, EngineError, ValidationError
+from ..errors import (
+    BackendUnavailableError, EngineError, NonFiniteActivationError, ValidationError,
+)
 from ..steering import AblationSpec, AddSpec, ProjectionCapSpec, SteeringSpec
-from .base import ErrorEvent, FinishEvent, Request, SteerModel, TokenEvent
-from .detok import TextStream
+from .base import ErrorEvent, FinishEvent, Request, SteerModel, TokenEvent, request_failed
+from .detok import TextStream, token_step
 from .vllm_worker import CONFIG_KEY
 
 
@@ -223,6 +229,7 @@ class VLLMSteerModel(SteerModel):
         self._dead: BaseException | None = None
         self._procs: list = []
         self.stats = {"requests": 0, "tokens": 0, "steps": 0, "slot_uploads": 0, "max_batch": 0, "capture_fetches": 0}
+        self._faults = _FaultCounter()
         self._engine_args = dict(
             model=self.path, tokenizer=self.path, dtype=_dtype_name(dtype), max_model_len=self.max_model_len,
             max_num_seqs=self.max_batch_size, max_num_batched_tokens=self.max_num_batched_tokens,
@@ -230,7 +237,7 @@ class VLLMSteerModel(SteerModel):
             enable_prefix_caching=enable_prefix_caching, disable_log_stats=True,
             worker_extension_cls="workbench.engine.vllm_worker.WorkbenchWorker",
             additional_config={CONFIG_KEY: {"slots": int(max_specs) + 1, "ops": self.max_ops_per_layer,
-                                            "tokens": self.max_num_batched_tokens}},
+                                            "tokens": self.max_num_batched_tokens, "faults": self._faults.path}},
         )
         self._engine_args.update(engine_kwargs)
         self._kv_cache_gb = kv_cache_gb
@@ -401,6 +408,7 @@ class VLLMSteerModel(SteerModel):
 
     def _shutdown_engine(self) -> None:
         engine, self._engine = self._engine, None
+        self._faults.close()
         if engine is None:
             return
         try:
@@ -465,8 +473,15 @@ class VLLMSteerModel(SteerModel):
             outputs = engine.step()
             self.stats["steps"] += 1
             self.stats["max_batch"] = max(self.stats["max_batch"], self._live_count())
+            if self._faults.moved():  # before the outputs: a failed request shows no token of this step
+                self._fail_requests(engine, engine.collective_rpc("wb_failures")[0])
             for out in outputs:
-                self._on_output(engine, out)
+                live = self._live.get(out.request_id)
+                try:
+                    self._on_output(engine, out)
+                except Exception as exc:  # this request's output handling: it fails alone
+                    if live is not None:
+                        self._fail_live(engine, live, request_failed(exc))
         elif self._live:  # vLLM has nothing left for requests we still track: never leave them waiting
             lost = EngineError("vLLM ended these requests without a result")
             for live in list({id(l): l for l in self._live.values()}.values()):
@@ -530,7 +545,7 @@ class VLLMSteerModel(SteerModel):
         if req.want_logits and self.layer_count - 1 not in layers:
             layers.append(self.layer_count - 1)
         key = req.request_id if layers else None
-        extra = {CONFIG_KEY: {"slot": slot, "capture": layers, "key": key}}
+        extra = {CONFIG_KEY: {"slot": slot, "capture": layers, "key": key, "rid": req.request_id}}
         stop_ids = list(s.stop_token_ids) if s.ignore_eos else sorted(set(s.stop_token_ids) | self._eos)
         params = VSP(
             n=1, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k if s.top_k > 0 else -1,
@@ -565,14 +580,8 @@ class VLLMSteerModel(SteerModel):
         for token in (completion.token_ids if completion is not None else ()):
             live.out_ids.append(int(token))
             self.stats["tokens"] += 1
-            is_eos = token in live.eos_ids and not (params.ignore_eos and token not in params.stop_token_ids)
-            delta = "" if is_eos else live.stream.push(token)
-            if is_eos or live.stream.stopped:
-                live.finish_reason = "stop"
-            elif len(live.out_ids) >= params.max_tokens or len(live.req.prompt_ids) + len(live.out_ids) >= self.max_model_len:
-                live.finish_reason = "length"
-            if live.finish_reason is not None:
-                delta += live.stream.finish()
+            delta, live.finish_reason = token_step(live.stream, int(token), params, live.eos_ids, len(live.out_ids),
+                                                   len(live.req.prompt_ids) + len(live.out_ids), self.max_model_len)
             live.req.emit(TokenEvent(int(token), delta))
             if live.finish_reason is not None:
                 break
@@ -600,13 +609,33 @@ class VLLMSteerModel(SteerModel):
         captures, logits = {}, None
         if live.capture_key:
             if live.req.want_logits:
-                fetched = self._fetch_job([live.capture_key], {live.capture_key: len(live.req.prompt_ids) - 1})(engine)
+                try:
+                    fetched = self._fetch_job([live.capture_key], {live.capture_key: len(live.req.prompt_ids) - 1})(engine)
+                except Exception as exc:
+                    live.req.emit(ErrorEvent(request_failed(exc)))
+                    return
                 parts = fetched.get(live.capture_key, {})
                 logits = parts.get("logits")
                 captures = {layer: t for layer, t in parts.items() if layer in live.req.capture_layers}
             elif live.req.capture_layers:
                 captures = _Remote(live.capture_key)
         live.req.emit(FinishEvent(live.finish_reason, live.stream.text, list(live.out_ids), captures, logits))
+
+    def _fail_requests(self, engine, failures: dict) -> None:
+        """End the requests the workers could not serve: ``{request id: (kind, detail)}``."""
+        for rid, (kind, detail) in failures.items():
+            live = self._live.get(rid)
+            if live is not None and live.finish_reason is None:  # not finished or cancelled meanwhile
+                self._fail_live(engine, live, NonFiniteActivationError() if kind == "nonfinite" else
+                                request_failed(detail))
+
+    def _fail_live(self, engine, live: _Live, error: BaseException) -> None:
+        """End one request with ``error``; if it still runs, stop it and free its slot and captures."""
+        if self._live.get(live.vid) is live:
+            live.finish_reason = "error"
+            engine.abort_request([live.vid])
+            self._finish(live, None)
+        live.req.emit(ErrorEvent(error))
 
     def _fail_all(self, exc: BaseException) -> None:
         self._dead = exc
@@ -622,6 +651,37 @@ class VLLMSteerModel(SteerModel):
         for _, fut in jobs:
             if not fut.done():
                 fut.set_exception(error)
+
+
+class _FaultCounter:
+    """An int64 in a shared-memory file: the workers count requests they failed, the engine thread polls it.
+
+    Reading a mapped word after each step costs nothing; an RPC per step to ask would cost a
+    round trip through the engine core even when nothing failed.
+    """
+
+    def __init__(self):
+        import tempfile
+
+        import numpy as np
+
+        folder = "/dev/shm" if os.path.isdir("/dev/shm") else None
+        fd, self.path = tempfile.mkstemp(prefix="workbench-faults-", suffix=".i64", dir=folder)
+        os.ftruncate(fd, 8)
+        os.close(fd)
+        self._word = np.memmap(self.path, dtype=np.int64, mode="r+", shape=(1,))
+        self._seen = 0
+
+    def moved(self) -> bool:
+        now = int(self._word[0])
+        if now == self._seen:
+            return False
+        self._seen = now
+        return True
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)
 
 
 def _children() -> list:

@@ -13,7 +13,9 @@ do not: a compiled graph never calls them). Each patched layer owns preallocated
   and per-request token counts), so chunked prefill, prefix-cache hits, requests joining or leaving
   and preemption all map tokens to the right request.
 - ``wb_cap[T, H]``: the layer's residual stream after steering, for every token of the batch; the
-  worker copies the rows of requests that asked for capture after the forward.
+  worker copies the rows of requests that asked for capture after the forward. After a step with
+  steered tokens, the last layer's rows are also checked for inf/NaN: a request whose steering
+  overflowed is reported (``wb_failures``) and ended by the kernel, alone.
 
 Tables are written between steps by ``collective_rpc`` (``WorkbenchWorker.wb_set_slot``); a slot is
 only rewritten when no running request uses it. The patch is a no-op unless the engine was started
@@ -180,8 +182,13 @@ class WorkbenchWorker:
         self._wb_step: list = []
         self._wb_store: dict = {}  # key -> {layer: [(start, rows)]}
         self._wb_next: dict = {}   # request id -> next position expected (a smaller start = recomputed)
-        self._wb_counts = {"steps": 0, "recomputed": 0, "chunked": 0, "mixed_slot_steps": 0}
+        self._wb_counts = {"steps": 0, "recomputed": 0, "chunked": 0, "mixed_slot_steps": 0, "failed": 0,
+                           "kv_scrubs": 0}
         self._wb_model = model
+        self._wb_check = None      # (request ids, token counts) of a step with steered tokens
+        self._wb_failed: dict = {}  # request id -> (kind, detail), until the kernel asks
+        path = (_settings(self.vllm_config) or {}).get("faults")
+        self._wb_faults = np.memmap(path, dtype=np.int64, mode="r+", shape=(1,)) if path else None
         if not getattr(runner, "_wb_wrapped", False):
             _wrap_runner(runner, self)
             runner._wb_wrapped = True
@@ -261,6 +268,19 @@ class WorkbenchWorker:
         self._wb_freed(sum(_nbytes(parts) for parts in gone if parts))
         return sum(g is not None for g in gone)
 
+    def wb_failures(self) -> dict:
+        """Hand over (and forget) the requests this worker failed: ``{request id: (kind, detail)}``."""
+        failed, self._wb_failed = self._wb_failed, {}
+        return failed
+
+    def _wb_fail(self, rid: str, kind: str, detail: str) -> None:
+        if rid in self._wb_failed:
+            return
+        self._wb_failed[rid] = (kind, detail)
+        self._wb_counts["failed"] += 1
+        if self._wb_faults is not None and self._wb_rank() == 0:
+            self._wb_faults[0] += 1  # the kernel polls this word after every step
+
     def wb_stats(self) -> dict:
         """Capture memory held in this worker."""
         held = sum(_nbytes(parts) for parts in self._wb_store.values())
@@ -282,6 +302,7 @@ class WorkbenchWorker:
         req_ids = batch.req_ids[:num_reqs]
         counts = np.asarray(num_scheduled[:num_reqs], dtype=np.int64)
         slots = np.zeros(num_reqs, dtype=np.int64)
+        rids = []
         step = []
         offset = 0
         for i, rid in enumerate(req_ids):
@@ -295,10 +316,11 @@ class WorkbenchWorker:
             self._wb_next[rid] = start + n
             if start + n < int(getattr(state, "num_prompt_tokens", 0) or 0):
                 self._wb_counts["chunked"] += 1  # a prompt prefilled in more than one step
+            rids.append(wb.get("rid", rid) if wb else rid)
             if wb:
                 slots[i] = int(wb.get("slot", 0))
                 if wb.get("capture"):
-                    step.append((wb["key"], tuple(wb["capture"]), offset, n, start))
+                    step.append((wb["key"], tuple(wb["capture"]), offset, n, start, rids[-1]))
             offset += n
         total = offset
         if total > self._wb_slot.shape[0]:
@@ -309,27 +331,83 @@ class WorkbenchWorker:
             self._wb_slot[total:self._wb_filled].zero_()
         self._wb_filled = total
         self._wb_step = step
+        # only steered steps are checked for inf/NaN: unsteered serving pays nothing
+        self._wb_check = (rids, counts) if slots.any() else None
         self._wb_counts["steps"] += 1
         if len(set(slots.tolist())) > 1:
             self._wb_counts["mixed_slot_steps"] += 1  # requests with different specs in one forward
 
     def _wb_after(self) -> None:
+        """After a forward: fail the requests whose stream went inf/NaN, copy out the captured rows.
+
+        Never raises: an exception here would end the engine core and every request with it, so a
+        failed copy fails the requests it was for (and only those).
+        """
+        step, self._wb_step = self._wb_step, []
+        check, self._wb_check = self._wb_check, None
+        if check is not None:
+            try:
+                self._wb_check_finite(*check)
+            except Exception as exc:  # the check itself failed: the steered requests of the step cannot be trusted
+                for rid in check[0]:
+                    self._wb_fail(rid, "error", f"checking the stream failed: {type(exc).__name__}: {exc}")
+        try:
+            self._wb_copy(step)
+        except Exception as exc:
+            for item in step:
+                self._wb_store.pop(item[0], None)
+                self._wb_fail(item[5], "error", f"capturing failed: {type(exc).__name__}: {exc}")
+
+    def _wb_check_finite(self, rids: list, counts: np.ndarray) -> None:
+        """Report the requests with an inf/NaN in the last layer's stream this step (the logits would be NaN)."""
+        total = int(counts.sum())
+        stream = self._wb_layers[-1].wb_cap[:total]
+        bad = ~torch.isfinite(stream).all(dim=-1)
+        if not bool(bad.any()):
+            return
+        per_request = torch.zeros(len(rids), dtype=torch.long).index_add_(
+            0, torch.from_numpy(np.repeat(np.arange(len(rids)), counts)), bad.cpu().long())
+        for rid, n in zip(rids, per_request.tolist()):
+            if n:
+                self._wb_fail(rid, "nonfinite", "inf/NaN in the residual stream")
+        self._wb_scrub()
+
+    def _wb_scrub(self) -> None:
+        """Zero every inf/NaN in the KV cache (a pass over it, only in steps where a request went non-finite).
+
+        The failed request's blocks go back to the free list; the next request given one would read
+        the stale NaN past its own length (the attention kernel scores the whole block, and NaN
+        survives masking), and every later reply would be garbage: seen as all-zero token ids. Finite
+        entries are left alone, so blocks shared with other requests are untouched. Repeated every
+        step the request still runs (until the kernel's abort arrives), so nothing is left behind.
+        """
+        seen = set()
+        stack = list(getattr(self.model_runner, "kv_caches", None) or [])
+        while stack:
+            kv = stack.pop()
+            if isinstance(kv, (list, tuple)):
+                stack.extend(kv)
+            elif isinstance(kv, torch.Tensor) and id(kv) not in seen and kv.is_floating_point():
+                seen.add(id(kv))
+                kv.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+        self._wb_counts["kv_scrubs"] += 1
+
+    def _wb_copy(self, step: list) -> None:
         """Copy this step's rows of the captured requests out of the layers' buffers.
 
         One gather per layer for all captured requests of the step (a copy per request and layer
         made all-layer capture of a 32-request batch cost 60% more time); requests keep views.
         """
-        step, self._wb_step = self._wb_step, []
         by_layer: dict = {}
         for item in step:
             for layer in item[1]:
                 by_layer.setdefault(layer, []).append(item)
         for layer, items in by_layer.items():
-            index = torch.cat([torch.arange(offset, offset + n) for _, _, offset, n, _ in items])
+            index = torch.cat([torch.arange(offset, offset + n) for _, _, offset, n, _, _ in items])
             cap = self._wb_layers[layer].wb_cap
             rows = cap.index_select(0, index.to(cap.device)).to("cpu", torch.float32)
             at = 0
-            for key, _, _, n, start in items:
+            for key, _, _, n, start, _ in items:
                 self._wb_store.setdefault(key, {}).setdefault(layer, []).append((start, rows[at:at + n]))
                 at += n
 
@@ -441,7 +519,7 @@ def _wrap_runner(runner, worker: WorkbenchWorker) -> None:
         try:
             return execute(*args, **kwargs)
         finally:
-            if worker._wb_step:
+            if worker._wb_step or worker._wb_check is not None:
                 worker._wb_after()
 
     runner._prepare_inputs = _prepare_inputs
