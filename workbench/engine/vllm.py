@@ -370,6 +370,7 @@ class VLLMSteerModel(SteerModel):
             self._engine = self._start_engine()
         except BaseException as exc:  # reported to the caller of wb.load
             self._start_error = exc
+            self._faults.close()
             self._ready.set()
             return
         self._ready.set()
