@@ -416,6 +416,16 @@ class VLLMSteerModel(SteerModel):
             engine.engine_core.shutdown()
         except Exception:
             pass
+        # close() promises no vLLM process is left: vLLM SIGKILLs a slow engine core at shutdown but
+        # returns before it is gone (seen once on a loaded machine), so wait, and kill what remains
+        deadline = time.time() + 15
+        while time.time() < deadline and any(_running(p) for p in self._procs):
+            time.sleep(0.1)
+        for proc in self._procs:
+            if _running(proc):
+                with contextlib.suppress(Exception):
+                    proc.kill()
+                    proc.wait(timeout=5)
 
     def _loop(self) -> None:
         while True:
