@@ -156,8 +156,7 @@ class HFSteerModel(SteerModel):
                         self._decode_isolated()
                 self._drop_finished()
             except Exception as exc:  # a pass that fails for every request alike: fail them, keep the engine
-                running = {id(r.req) for r in self._rows}  # (requests are unhashable dataclasses)
-                failed = [r.req for r in self._rows] + [r for r in new + encode if id(r) not in running]
+                failed = [r.req for r in self._rows] + [r for r in new + encode if not self._merged([r])]
                 for req in failed:
                     req.emit(ErrorEvent(EngineError(f"forward pass failed: {type(exc).__name__}: {exc}")))
                 self._reset_batch()
@@ -174,7 +173,7 @@ class HFSteerModel(SteerModel):
             run(reqs)
             return
         except Exception as exc:
-            if {id(r.req) for r in self._rows} & {id(q) for q in reqs}:  # failed after merging: no clean retry
+            if self._merged(reqs):  # failed after joining the batch: no clean retry
                 raise
             if len(reqs) == 1:
                 self._fail(reqs[0], exc)
@@ -183,9 +182,14 @@ class HFSteerModel(SteerModel):
             try:
                 run([req])
             except Exception as exc:
-                if any(r.req is req for r in self._rows):
+                if self._merged([req]):
                     raise
                 self._fail(req, exc)
+
+    def _merged(self, reqs: list[Request]) -> bool:
+        """Whether any of ``reqs`` is already a row of the running batch (requests are unhashable: by id)."""
+        running = {id(r.req) for r in self._rows}
+        return any(id(q) in running for q in reqs)
 
     def _decode_isolated(self) -> None:
         """Advance the batch one token; if the pass raises, find the rows that fail alone and drop them.

@@ -46,7 +46,7 @@ from ..errors import (
 from ..steering import AblationSpec, AddSpec, ProjectionCapSpec, SteeringSpec
 from .base import ErrorEvent, FinishEvent, Request, SteerModel, TokenEvent, request_failed
 from .detok import TextStream, token_step
-from .vllm_worker import CONFIG_KEY
+from .vllm_worker import CONFIG_KEY, shm_file
 
 
 # ------------------------------------------------------------------------------------ spec tables
@@ -672,14 +672,9 @@ class _FaultCounter:
     """
 
     def __init__(self):
-        import tempfile
-
         import numpy as np
 
-        folder = "/dev/shm" if os.path.isdir("/dev/shm") else None
-        fd, self.path = tempfile.mkstemp(prefix="workbench-faults-", suffix=".i64", dir=folder)
-        os.ftruncate(fd, 8)
-        os.close(fd)
+        self.path = shm_file("workbench-faults-", ".i64", 8)
         self._word = np.memmap(self.path, dtype=np.int64, mode="r+", shape=(1,))
         self._seen = 0
 

@@ -365,10 +365,8 @@ class WorkbenchWorker:
         bad = ~torch.isfinite(stream).all(dim=-1)
         if not bool(bad.any()):
             return
-        per_request = torch.zeros(len(rids), dtype=torch.long).index_add_(
-            0, torch.from_numpy(np.repeat(np.arange(len(rids)), counts)), bad.cpu().long())
-        for rid, n in zip(rids, per_request.tolist()):
-            if n:
+        for rid, rows in zip(rids, bad.cpu().split(counts.tolist())):
+            if bool(rows.any()):
                 self._wb_fail(rid, "nonfinite", "inf/NaN in the residual stream")
         self._wb_scrub()
 
@@ -420,8 +418,6 @@ def _ship(stores: dict, extra: dict) -> dict:
     (one copy), not through vLLM's RPC pickling and msgpack. Per layer, the chunks of all keys are
     concatenated in one call, which is what keeps fetching 30 layers x 32 requests fast.
     """
-    import tempfile
-
     index = {key: {} for key in stores}
     plan, total = [], 0  # (layer, [(key, chunks)], offset, rows)
     layers = sorted({layer for parts in stores.values() for layer in parts})
@@ -442,10 +438,7 @@ def _ship(stores: dict, extra: dict) -> dict:
             total += t.numel() * 4
     if total == 0:
         return {"file": None, "index": index}
-    folder = "/dev/shm" if os.path.isdir("/dev/shm") else None
-    fd, path = tempfile.mkstemp(prefix="workbench-capture-", suffix=".f32", dir=folder)
-    os.ftruncate(fd, total)
-    os.close(fd)
+    path = shm_file("workbench-capture-", ".f32", total)
     mapped = torch.from_file(path, shared=True, size=total // 4, dtype=torch.float32)
     for _, members, offset, rows, width in plan:
         target = mapped[offset // 4: offset // 4 + rows * width].view(rows, width)
@@ -459,6 +452,17 @@ def _ship(stores: dict, extra: dict) -> dict:
                 at += block.shape[0]
     del mapped
     return {"file": path, "index": index}
+
+
+def shm_file(prefix: str, suffix: str, size: int) -> str:
+    """A new file of ``size`` zero bytes in shared memory (``/dev/shm``; the temp folder elsewhere)."""
+    import tempfile
+
+    folder = "/dev/shm" if os.path.isdir("/dev/shm") else None
+    fd, path = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=folder)
+    os.ftruncate(fd, size)
+    os.close(fd)
+    return path
 
 
 def _in_order(chunks) -> bool:
