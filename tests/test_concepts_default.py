@@ -64,9 +64,6 @@ async def test_inspect_finds_the_concept(features):
     assert "concept/french" in top
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "known gap (issue 4): on the 135M default model the library's humour direction reads about as high on plain "
-    "friendly replies as on jokes (ranked ~30th of 48 by contrast); the mechanism itself is tested on SAE features"))
 async def test_contrast_plain_versus_jokes(features):
     q = {"role": "user", "content": "Hello how are you?"}
     plain = [[q, {"role": "assistant", "content": "I am a helpful assistant. How can I help you?"}],

@@ -183,3 +183,58 @@ def test_semantic_search_and_rerank():
     assert ix.search("roleplay as pirate", 1)[0][0] == 0
     assert ix.search("speak French", 1)[0][0] == 1
     assert ix.search("funny", 1)[0][0] == 3
+
+
+def test_read_direction_is_the_shrunk_discriminant_and_discounts_shared_noise():
+    from workbench.features.concepts import read_direction
+
+    g = torch.Generator().manual_seed(0)
+
+    def sample(n, mean):
+        # axis 1 varies a lot in both classes (a topic every text has some of); axis 0 carries the concept
+        return torch.randn(n, 8, generator=g) * torch.tensor([0.3, 4.0, 1, 1, 1, 1, 1, 1]) + mean
+
+    shift = torch.tensor([1.0, 2.0, 0, 0, 0, 0, 0, 0])
+    pos, neg = sample(40, shift), sample(200, torch.zeros(8))
+    r = read_direction(pos, neg, shrinkage=0.3)
+    # the reference: solve((1 - a) S + a tr(S)/d I, mean difference) with the within-class covariance S
+    resid = torch.cat([pos - pos.mean(0), neg - neg.mean(0)]).double()
+    s = resid.T @ resid / len(resid)
+    ref = torch.linalg.solve(0.7 * s + 0.3 * s.trace() / 8 * torch.eye(8, dtype=s.dtype), (pos.mean(0) - neg.mean(0)).double())
+    torch.testing.assert_close(r, (ref / ref.norm()).float())
+    dom = pos.mean(0) - neg.mean(0)
+    dom = dom / dom.norm()
+    # held-out separation (difference of projected means over pooled std) is better along r than along the mean difference
+    tp, tn = sample(400, shift), sample(400, torch.zeros(8))
+
+    def separation(u):
+        a, b = tp @ u, tn @ u
+        return float((a.mean() - b.mean()) / ((a.var() + b.var()) / 2).sqrt())
+
+    assert separation(r) > 2 * separation(dom)
+    assert abs(float(r[0])) > abs(float(dom[0]))
+    # nothing to whiten with one example a side: the difference of means
+    one = read_direction(pos[:1], neg[:1])
+    torch.testing.assert_close(one, (pos[0] - neg[0]) / (pos[0] - neg[0]).norm())
+
+
+def test_a_concept_reads_with_its_encoder_and_steers_with_its_direction(tmp_path):
+    d = 16
+    direction, encoder = torch.zeros(d), torch.zeros(d)
+    direction[0], encoder[1] = 1.0, 1.0
+    f = wb.Feature(id="c", label="c", layer=0, index_in_sae=0, direction=direction, encoder=encoder, scale=2.0,
+                   bias=0.5, span=2.0)
+    fs = wb.FeatureSet([f])
+    h = torch.randn(3, d)
+    torch.testing.assert_close(fs.activations_from_hidden({0: h})[:, 0], (h[:, 1] - 0.5) / 2.0)
+    torch.testing.assert_close(fs.op_for(f, 0.5, "add").vector, 0.5 * 2.0 * direction)
+    again = wb.FeatureSet.load(fs.save(tmp_path / "saved"))
+    torch.testing.assert_close(again["c"].encoder, encoder)
+    torch.testing.assert_close(again.activations_from_hidden({0: h}), fs.activations_from_hidden({0: h}))
+    plain = wb.Feature(id="v", label="v", layer=0, index_in_sae=1, direction=direction)
+    assert plain.read_direction() is direction
+    with pytest.raises(wb.ValidationError, match="encoder and direction differ in size"):
+        wb.FeatureSet([wb.Feature(id="x", label="x", layer=0, index_in_sae=0, direction=direction, encoder=torch.ones(3))])
+    with pytest.raises(wb.ValidationError, match="encoder must be a finite 1-D vector"):
+        wb.FeatureSet([wb.Feature(id="x", label="x", layer=0, index_in_sae=0, direction=direction,
+                                  encoder=torch.full((d,), float("nan")))])

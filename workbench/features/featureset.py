@@ -4,9 +4,10 @@ Every feature has a unit ``direction`` at its ``layer`` and a ``scale``, its nat
 residual units: a strength-``s`` intervention in mode ``add`` adds ``s * scale * direction``
 (DESIGN.md "Strength units"). Activations, used by inspect / activations / contrast:
 
-- concept directions: the calibrated projection ``(h . u - bias) / span`` per token, where
-  ``bias`` is the mean projection on neutral text and ``span`` the mean projection on the
-  concept's own examples minus ``bias``. So a concept reads about 0 on neutral text (single
+- concept directions: the calibrated projection ``(h . r - bias) / span`` per token on the
+  feature's read direction ``r`` (its ``encoder``: Fisher's discriminant, see concepts.py;
+  ``direction`` when it has none), where ``bias`` is the mean projection on neutral text and
+  ``span`` the mean projection on the concept's own examples minus ``bias``. So a concept reads about 0 on neutral text (single
   tokens scatter around it, slightly negative too) and about 1 on text like its examples; it
   is "active" (for ``frequency``) above 0.5. It is not clipped at 0: clipping would turn
   per-token noise into a positive mean and favour the noisiest directions.
@@ -45,6 +46,13 @@ class Feature:
     span: float = 1.0
     sae: str | None = None         # name of the SAE of an SAE feature
     max_activation: float = 1.0    # SAE features: typical maximum activation
+    # Concepts read with a direction of their own, as an SAE reads with W_enc and writes with W_dec:
+    # steering adds ``direction`` (difference of means), activations project on ``encoder``.
+    encoder: torch.Tensor | None = field(default=None, repr=False)
+
+    def read_direction(self) -> torch.Tensor:
+        """The unit direction activations project on: ``encoder`` if the feature has one, else ``direction``."""
+        return self.direction if self.encoder is None else self.encoder
 
     def to_item(self) -> dict:
         return {"id": self.id, "label": self.label, "layer": self.layer, "index_in_sae": self.index_in_sae,
@@ -78,8 +86,12 @@ class FeatureSet:
     def add(self, feature: Feature) -> Feature:
         if feature.id in self._by_id:
             raise ValidationError(f"duplicate feature id {feature.id!r} in feature set {self.name!r}")
-        if feature.direction.dim() != 1 or not bool(torch.isfinite(feature.direction).all()):
-            raise ValidationError(f"feature {feature.id!r}: direction must be a finite 1-D vector")
+        for name, v in (("direction", feature.direction), ("encoder", feature.encoder)):
+            if v is not None and (v.dim() != 1 or not bool(torch.isfinite(v).all())):
+                raise ValidationError(f"feature {feature.id!r}: {name} must be a finite 1-D vector")
+        if feature.encoder is not None and feature.encoder.shape != feature.direction.shape:
+            raise ValidationError(f"feature {feature.id!r}: encoder and direction differ in size "
+                                  f"({feature.encoder.numel()} vs {feature.direction.numel()})")
         self._by_id[feature.id] = len(self._features)
         self._features.append(feature)
         self._index = None
@@ -155,7 +167,7 @@ class FeatureSet:
             if kind == "sae":
                 acts = self.saes[sae_name].encode(h)[:, [f.index_in_sae for f in feats]]
             else:
-                u = torch.stack([f.direction for f in feats]).float()
+                u = torch.stack([f.read_direction() for f in feats]).float()
                 bias = torch.tensor([f.bias for f in feats])
                 span = torch.tensor([f.span for f in feats]).clamp(min=1e-6)
                 acts = (h @ u.T - bias) / span
@@ -297,6 +309,8 @@ class FeatureSet:
         tensors, meta = {}, []
         for i, f in enumerate(self._features):
             tensors[f"direction.{i}"] = f.direction.contiguous()
+            if f.encoder is not None:
+                tensors[f"encoder.{i}"] = f.encoder.contiguous()
             meta.append({k: getattr(f, k) for k in ("id", "label", "layer", "index_in_sae", "scale", "dimension", "kind",
                                                    "bias", "span", "sae", "max_activation")})
         saes = {}
@@ -325,7 +339,8 @@ class FeatureSet:
             saes[name] = SAE(W_enc=tensors[f"sae.{name}.W_enc"], b_enc=tensors[f"sae.{name}.b_enc"],
                              W_dec=tensors[f"sae.{name}.W_dec"], b_dec=tensors[f"sae.{name}.b_dec"],
                              threshold=tensors.get(f"sae.{name}.threshold"), name=name, **info)
-        feats = [Feature(direction=tensors[f"direction.{i}"], **m) for i, m in enumerate(meta["features"])]
+        feats = [Feature(direction=tensors[f"direction.{i}"], encoder=tensors.get(f"encoder.{i}"), **m)
+                 for i, m in enumerate(meta["features"])]
         return cls(feats, saes=saes, name=meta.get("name", "features"))
 
     @classmethod
