@@ -185,3 +185,37 @@ async def test_a_fault_every_row_hits_fails_the_batch_and_the_engine_goes_on(tin
     assert all(isinstance(g, wb.RequestFailedError) or isinstance(g, wb.EngineError) for g in got)
     [again] = await tiny.chat([CHATS[0]], GREEDY)
     assert again.token_ids == ref.token_ids
+
+
+async def test_a_request_whose_join_fails_fails_alone_and_the_running_batch_goes_on(tiny, monkeypatch):
+    """Joining the running batch is all or nothing: a fault while merging fails only the joining request."""
+    long = wb.SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+    [solo] = await tiny.chat([CHATS[0]], long)
+    [solo_joiner] = await tiny.chat([CHATS[1]], GREEDY)
+    real, state = hf_engine._lpad, {"armed": True}
+
+    def faulty(t, width, dim=2):
+        if dim == 1 and state["armed"]:  # the attention-mask padding: after the KV cache was merged
+            state["armed"] = False
+            raise RuntimeError("merge fault")
+        return real(t, width, dim)
+
+    monkeypatch.setattr(hf_engine, "_lpad", faulty)
+    running = asyncio.create_task(tiny.chat([CHATS[0]], long))
+
+    def decoding():  # finished rows stay in the batch until the next pass: look for a live one
+        return [r for r in tiny._rows if r.finish_reason is None and 3 < len(r.out_ids) < 30]
+
+    for _ in range(500):
+        if decoding():
+            break
+        await asyncio.sleep(0.005)
+    assert decoding(), "the first request was not decoding"
+    with pytest.raises(wb.RequestFailedError, match="merge fault"):
+        await tiny.chat([CHATS[1]], GREEDY)
+    assert not state["armed"], "the fault never hit a merge"
+    [r] = await running
+    assert r.token_ids == solo.token_ids
+    [again] = await tiny.chat([CHATS[1]], GREEDY)
+    assert again.token_ids == solo_joiner.token_ids
+    assert await idle(tiny) == 0

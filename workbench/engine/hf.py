@@ -362,9 +362,11 @@ class HFSteerModel(SteerModel):
                              torch.cat([_lpad(old.values, width), _lpad(new.values, width)])))
             from transformers import DynamicCache
 
-            self._cache = DynamicCache(ddp_cache_data=data)
-            self._mask = torch.cat([_lpad(self._mask, width, dim=1), _lpad(mask, width, dim=1)])
-            self._next_pos = torch.cat([self._next_pos, lens])
+            merged = (DynamicCache(ddp_cache_data=data), torch.cat([_lpad(self._mask, width, dim=1), _lpad(mask, width, dim=1)]),
+                      torch.cat([self._next_pos, lens]))
+            # all or nothing: if building the merged batch raised, the running batch is as it was and
+            # only the joining requests fail (a half-merged batch would fail every row's next step)
+            self._cache, self._mask, self._next_pos = merged
             self._rows = self._rows + list(rows)
         self._plan_key = None
         self.stats["max_batch"] = max(self.stats["max_batch"], len(self._rows))
