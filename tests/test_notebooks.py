@@ -39,6 +39,7 @@ def test_notebook_runs(path, tmp_path):
         assert (tmp_path / "figures" / "norms_by_message.svg").read_text().count("heatmap") >= 1
     if path.name == "04_features.ipynb":
         assert (tmp_path / "figures" / "pirate_sweep.html").stat().st_size > 1_000_000
+        assert "more in the jokes: ['concept/humor'" in text     # contrast finds humour in held-out jokes
     if path.name == "05_scale_out.ipynb":
         assert "steered requests" in text and "tok/s" in text
         assert "vllm backend: 16 steered requests" in text
