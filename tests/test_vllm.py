@@ -200,16 +200,30 @@ def test_compiled_and_eager_modes_give_the_same_steered_tokens(vllm_model, defau
 @pytest.mark.parametrize("backend", ["hf", "vllm"])
 def test_capture_memory_does_not_grow_over_a_thousand_captured_requests(backend, vllm_model, default_model):
     """1,000 requests capturing all 30 layers (~2 GB if kept), half fetched and read, half dropped unread:
-    nothing accumulates (the RSS bound leaves room for allocator noise, seen at +80 MiB with no capture)."""
+    nothing accumulates. RSS is sampled after the heap's free memory went back to the OS (seen: hf -1 MiB,
+    vLLM +19 MiB); keeping even 5 % of the captured rows would add about 90 MiB."""
     import psutil
+
+    from workbench.engine.vllm_worker import _trim
 
     model = vllm_model if backend == "vllm" else default_model
     chats = [[{"role": "user", "content": f"Count to {i % 50}."}] for i in range(100)]
     params = wb.SamplingParams(temperature=0.0, max_tokens=2)
 
+    def keys() -> int:
+        return vllm_model.worker_stats()[0]["capture_keys"]
+
     def rss():
         if backend == "vllm":
-            return vllm_model.worker_stats()[0]["rss"]
+            for _ in range(50):  # dropped handles are released by the engine thread: let it catch up
+                if keys() == 0:
+                    break
+                asyncio.run(asyncio.sleep(0.05))
+            assert keys() == 0
+            # trimmed first: the worker trims its heap only per 256 MiB released, so an untrimmed
+            # sample may hold up to that much freed memory (seen: +210-273 MiB without a leak)
+            return vllm_model.worker_stats(trim=True)[0]["rss"]
+        _trim()  # the same for this process (the hf backend's captures live here)
         return psutil.Process().memory_info().rss
 
     async def batch():
@@ -225,15 +239,9 @@ def test_capture_memory_does_not_grow_over_a_thousand_captured_requests(backend,
         gc.collect()
         if i in (1, 9):
             samples.append(rss())
-    if backend == "vllm":
-        for _ in range(50):
-            if vllm_model.worker_stats()[0]["capture_keys"] == 0:
-                break
-            asyncio.run(asyncio.sleep(0.05))
-        assert vllm_model.worker_stats()[0]["capture_keys"] == 0
     growth = samples[1] - samples[0]
     print(f"{backend}: RSS growth over 800 captured requests after warm-up: {growth / 2**20:.1f} MiB")
-    assert growth < 256 * 2**20
+    assert growth < 64 * 2**20
 
 
 @pytest.mark.parametrize("backend", ["hf", "vllm"])

@@ -307,9 +307,13 @@ class VLLMSteerModel(SteerModel):
         """Call a ``WorkbenchWorker`` method in every worker; one result per worker."""
         return self._call(lambda engine: engine.collective_rpc(method, args=args, kwargs=kwargs)).result()
 
-    def worker_stats(self) -> list:
-        """Capture memory held in each worker (``capture_keys``, ``capture_bytes``)."""
-        return self.collective_rpc("wb_stats")
+    def worker_stats(self, trim: bool = False) -> list:
+        """Per worker: capture memory held (``capture_keys``, ``capture_bytes``), ``rss`` and step counters.
+
+        ``trim=True`` first hands the heap's free memory back to the OS (the worker otherwise trims
+        after every 256 MiB of released captures), so ``rss`` is what the worker really holds.
+        """
+        return self.collective_rpc("wb_stats", trim=trim)
 
     def _release_later(self, key: str) -> None:
         with self._cond:

@@ -281,8 +281,11 @@ class WorkbenchWorker:
         if self._wb_faults is not None and self._wb_rank() == 0:
             self._wb_faults[0] += 1  # the kernel polls this word after every step
 
-    def wb_stats(self) -> dict:
-        """Capture memory held in this worker."""
+    def wb_stats(self, trim: bool = False) -> dict:
+        """Capture memory held in this worker; ``trim`` returns free heap memory to the OS first."""
+        if trim:
+            self._wb_unfreed = 0
+            _trim()
         held = sum(_nbytes(parts) for parts in self._wb_store.values())
         try:
             import psutil
