@@ -20,6 +20,7 @@ import torch
 
 async def main():
     import workbench as wb
+    from workbench.features import FeatureSet
     from workbench.features import concepts as C
 
     model = wb.load("default")
@@ -43,13 +44,14 @@ async def main():
                 mine, rest = (owner == c) & train, (owner != c) & train
                 feats.append(C._feature(model, "", f"c{c}", c, layers, sums[mine], counts[mine], sums[rest], counts[rest],
                                         sums[neutral], counts[neutral], norms, shrinkage=shrinkage))
-            for i in ((~train) & (owner >= 0)).nonzero().flatten().tolist():
-                acts = torch.tensor([(float(means[i, layers.index(f.layer)] @ f.read_direction()) - f.bias) / f.span
-                                     for f in feats])
-                ranked = torch.argsort(acts, descending=True).tolist()
-                total += 1
-                top1 += ranked[0] == int(owner[i])
-                top5 += int(owner[i]) in ranked[:5]
+            held = ((~train) & (owner >= 0)).nonzero().flatten()
+            # activations are linear in h: the mean over a text's tokens is the activation of its mean residual
+            acts = FeatureSet(feats).activations_from_hidden({l: means[held, j] for j, l in enumerate(layers)})
+            ranked = torch.argsort(acts, dim=1, descending=True)
+            truth = owner[held]
+            total += len(held)
+            top1 += int((ranked[:, 0] == truth).sum())
+            top5 += int((ranked[:, :5] == truth[:, None]).any(1).sum())
         name = "difference of means" if shrinkage is None else f"discriminant, shrinkage {shrinkage:<4}"
         mark = "  <- the library" if shrinkage == C.READ_SHRINKAGE else ""
         print(f"{name:32s} held-out top-1 {top1 / total:5.1%}  top-5 {top5 / total:5.1%}  ({total} examples){mark}",

@@ -186,7 +186,7 @@ def test_semantic_search_and_rerank():
 
 
 def test_read_direction_is_the_shrunk_discriminant_and_discounts_shared_noise():
-    from workbench.features.concepts import read_direction
+    from workbench.features.concepts import fit_read_direction
 
     g = torch.Generator().manual_seed(0)
 
@@ -196,7 +196,7 @@ def test_read_direction_is_the_shrunk_discriminant_and_discounts_shared_noise():
 
     shift = torch.tensor([1.0, 2.0, 0, 0, 0, 0, 0, 0])
     pos, neg = sample(40, shift), sample(200, torch.zeros(8))
-    r = read_direction(pos, neg, shrinkage=0.3)
+    r = fit_read_direction(pos, neg, shrinkage=0.3)
     # the reference: solve((1 - a) S + a tr(S)/d I, mean difference) with the within-class covariance S
     resid = torch.cat([pos - pos.mean(0), neg - neg.mean(0)]).double()
     s = resid.T @ resid / len(resid)
@@ -214,7 +214,7 @@ def test_read_direction_is_the_shrunk_discriminant_and_discounts_shared_noise():
     assert separation(r) > 2 * separation(dom)
     assert abs(float(r[0])) > abs(float(dom[0]))
     # nothing to whiten with one example a side: the difference of means
-    one = read_direction(pos[:1], neg[:1])
+    one = fit_read_direction(pos[:1], neg[:1])
     torch.testing.assert_close(one, (pos[0] - neg[0]) / (pos[0] - neg[0]).norm())
 
 

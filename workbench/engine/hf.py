@@ -362,7 +362,8 @@ class HFSteerModel(SteerModel):
                              torch.cat([_lpad(old.values, width), _lpad(new.values, width)])))
             from transformers import DynamicCache
 
-            merged = (DynamicCache(ddp_cache_data=data), torch.cat([_lpad(self._mask, width, dim=1), _lpad(mask, width, dim=1)]),
+            merged = (DynamicCache(ddp_cache_data=data),
+                      torch.cat([_lpad(self._mask, width, dim=1), _lpad(mask, width, dim=1)]),
                       torch.cat([self._next_pos, lens]))
             # all or nothing: if building the merged batch raised, the running batch is as it was and
             # only the joining requests fail (a half-merged batch would fail every row's next step)

@@ -39,7 +39,7 @@ from .featureset import Feature, FeatureSet
 LIBRARY_VERSION = 2   # 2: concepts carry a read direction (encoder)
 _CHUNK = 32
 READ_SHRINKAGE = 0.3
-"""Weight of the scaled identity in the within-class covariance of :func:`read_direction`.
+"""Weight of the scaled identity in the within-class covariance of :func:`fit_read_direction`.
 
 Held-out accuracy on the library is flat from 0.1 to 0.6 (benchmarks/concept_readout.py); the
 Ledoit-Wolf estimate (~0.01 here) shrinks too little for reading: 81 % top-1 against 90 %."""
@@ -117,13 +117,14 @@ def _empty():
     return SteeringSpec()
 
 
-def read_direction(pos_means: torch.Tensor, neg_means: torch.Tensor, shrinkage: float = READ_SHRINKAGE) -> torch.Tensor:
+def fit_read_direction(pos_means: torch.Tensor, neg_means: torch.Tensor,
+                       shrinkage: float = READ_SHRINKAGE) -> torch.Tensor:
     """The unit read direction of a concept: Fisher's discriminant of per-example mean residuals.
 
     ``solve((1 - a) S + a (tr S / d) I, mean(pos) - mean(neg))`` with ``S`` the within-class
     covariance of both sides; with no spread to estimate (one example a side), the difference of means.
 
-    >>> r = read_direction(torch.randn(8, 576) + 1.0, torch.randn(40, 576))
+    >>> r = fit_read_direction(torch.randn(8, 576) + 1.0, torch.randn(40, 576))
     """
     diff = (pos_means.mean(0) - neg_means.mean(0)).double()
     resid = torch.cat([pos_means - pos_means.mean(0), neg_means - neg_means.mean(0)]).double()
@@ -195,10 +196,11 @@ def _feature(model, label, fid, index, layers, ps, pc, ns, nc, neutral_sums, neu
     """A concept Feature from per-example sums; ``shrinkage=None`` reads with the steering direction."""
     chosen, u, sep, pos_tok = fit_direction(ps, pc, ns, nc, layers)
     j = layers.index(chosen)
-    r = u if shrinkage is None else read_direction(ps[:, j] / pc[:, None], ns[:, j] / nc[:, None], shrinkage)
+    encoder = None if shrinkage is None else \
+        fit_read_direction(ps[:, j] / pc[:, None], ns[:, j] / nc[:, None], shrinkage)
+    r = u if encoder is None else encoder
     bias = float((neutral_sums[:, j].sum(0) / neutral_counts.sum()) @ r)   # ~0 on neutral text
-    return Feature(id=fid, label=label, layer=chosen, index_in_sae=index, direction=u,
-                   encoder=None if shrinkage is None else r,
+    return Feature(id=fid, label=label, layer=chosen, index_in_sae=index, direction=u, encoder=encoder,
                    scale=float(norms[j].median()), kind="concept", bias=bias, span=max(float(pos_tok @ r) - bias, 1e-3))
 
 
@@ -266,4 +268,4 @@ RECOMMENDED_STRENGTH = (0.3, 0.5)
 
 Measured on the default model: below 0.3 little changes; from about 0.6 replies turn to gibberish."""
 
-__all__ = ["concept_library", "train_concept", "candidate_layers", "read_direction", "RECOMMENDED_STRENGTH"]
+__all__ = ["concept_library", "train_concept", "candidate_layers", "fit_read_direction", "RECOMMENDED_STRENGTH"]

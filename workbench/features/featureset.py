@@ -7,10 +7,11 @@ residual units: a strength-``s`` intervention in mode ``add`` adds ``s * scale *
 - concept directions: the calibrated projection ``(h . r - bias) / span`` per token on the
   feature's read direction ``r`` (its ``encoder``: Fisher's discriminant, see concepts.py;
   ``direction`` when it has none), where ``bias`` is the mean projection on neutral text and
-  ``span`` the mean projection on the concept's own examples minus ``bias``. So a concept reads about 0 on neutral text (single
-  tokens scatter around it, slightly negative too) and about 1 on text like its examples; it
-  is "active" (for ``frequency``) above 0.5. It is not clipped at 0: clipping would turn
-  per-token noise into a positive mean and favour the noisiest directions.
+  ``span`` the mean projection on the concept's own examples minus ``bias``. So a concept
+  reads about 0 on neutral text (single tokens scatter around it, slightly negative too) and
+  about 1 on text like its examples; it is "active" (for ``frequency``) above 0.5. It is not
+  clipped at 0: clipping would turn per-token noise into a positive mean and favour the
+  noisiest directions.
 - SAE features: the SAE's own encoding (active above 0).
 
 >>> fs = wb.FeatureSet.from_sae("my_sae/", labels="labels.json")  # doctest: +SKIP
