@@ -71,6 +71,37 @@ def default_model():
     gc.collect()
 
 
+_VLLM_LOG: list = []
+
+
+@pytest.fixture(scope="session")
+def vllm_model():
+    """One compiled-mode vLLM engine on the default model for the session, built the chatspace way."""
+    import logging
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            _VLLM_LOG.append(record.getMessage())
+
+    keep = Keep()
+    logging.getLogger("workbench.engine.vllm").addHandler(keep)
+    try:
+        cfg = wb.VLLMSteeringConfig(model_name=str(wb.resolve_model("default")), tensor_parallel_size=1,
+                                    gpu_memory_utilization=0.9, max_model_len=1024)
+        model = wb.VLLMSteerModel(cfg, bootstrap_layers=(2, 4, 6), kv_cache_gb=1, show_progress=False)
+    finally:
+        logging.getLogger("workbench.engine.vllm").removeHandler(keep)
+    yield model
+    model.close()
+    gc.collect()
+
+
+@pytest.fixture(scope="session")
+def vllm_model_log(vllm_model):
+    """What the workbench logged while ``vllm_model`` was built."""
+    return list(_VLLM_LOG)
+
+
 @pytest.fixture(params=["tiny", "default"])
 def any_model(request):
     """Both the tiny model and the real default model (tests that must hold on a real model too)."""
@@ -126,18 +157,14 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def http_server(default_model):
-    """A real uvicorn server on a free loopback port, serving the shared default model."""
+def serve_in_thread(app):
+    """Run ``app`` with uvicorn on a free loopback port in a thread; yield its URL, then stop it."""
     import threading
     import time
 
     import uvicorn
 
-    from workbench.server import create_app
-
     port = free_port()
-    app = create_app(default_model, aliases=["meta-llama/Llama-3.1-8B-Instruct"])
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -148,6 +175,28 @@ def http_server(default_model):
     yield f"http://127.0.0.1:{port}"
     server.should_exit = True
     thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def http_server(default_model):
+    """A real uvicorn server on a free loopback port, serving the shared default model."""
+    from workbench.server import create_app
+
+    yield from serve_in_thread(create_app(default_model, aliases=["meta-llama/Llama-3.1-8B-Instruct"]))
+
+
+async def top_logits(model, ids, k: int) -> dict:
+    """Reference: ``{token text: logit}`` of the top ``k`` next-token logits after ``ids`` (a plain forward)."""
+    vals, idx = torch.topk(await model.next_token_logits(ids), k)
+    out = {}
+    for v, i in zip(vals.tolist(), idx.tolist()):
+        out.setdefault(model.tokenizer.decode([i]), v)
+    return out
+
+
+def same_logits(a: dict, b: dict) -> bool:
+    """The same tokens, logits equal up to float noise (a cached prefix sums in another order)."""
+    return set(a) == set(b) and all(abs(a[t] - b[t]) <= 1e-4 * max(1.0, abs(b[t])) for t in b)
 
 
 def stop_process(proc, timeout: float = 20) -> None:

@@ -3,6 +3,7 @@ with vllm-sdk's schemas, client methods, errors."""
 
 import pytest
 import vllm_sdk.schemas as sdk
+from conftest import same_logits, top_logits
 
 import workbench as wb
 from workbench.api import schemas as ours
@@ -48,6 +49,50 @@ async def test_stream_chunks_add_up_and_validate(client):
     assert chunks[0].choices[0].delta.role == "assistant" and chunks[-1].choices[0].finish_reason is not None
     for c in chunks:
         _roundtrip(c, sdk.ChatCompletionChunk)
+
+
+async def test_chat_completion_logprobs_n_and_sampling_extras(client, default_model):
+    """OpenAI's ``logprobs``/``top_logprobs`` equal the model's own log-softmax; ``n`` seeded choices are the
+    engine's single requests with seed + i; the vLLM server's sampling extras ride along."""
+    import torch
+
+    tok = default_model.tokenizer
+    r = await client.chat.completions.create(model=LLAMA, messages=HELLO, max_completion_tokens=8, temperature=0.0,
+                                             logprobs=True, top_logprobs=3)
+    [direct] = await default_model.chat(HELLO, wb.SamplingParams(temperature=0.0, max_tokens=8))
+    prompt = tok(tok.apply_chat_template(HELLO, tokenize=False, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        logits = default_model.hf_model(input_ids=torch.tensor([prompt + direct.token_ids])).logits[0].float()
+    ref = torch.log_softmax(logits[len(prompt) - 1:len(prompt) - 1 + len(direct.token_ids)], dim=-1)
+    content = r.choices[0].logprobs.content
+    assert len(content) == len(direct.token_ids) == r.usage.completion_tokens
+    for t, (token_id, entry) in enumerate(zip(direct.token_ids, content)):
+        assert entry.token == tok.decode([token_id]) and entry.bytes == list(entry.token.encode("utf-8", "replace"))
+        assert abs(entry.logprob - float(ref[t, token_id])) < 1e-4
+        top = torch.topk(ref[t], 3)
+        assert [e.token for e in entry.top_logprobs] == [tok.decode([i]) for i in top.indices.tolist()]
+        assert all(abs(e.logprob - v) < 1e-4 for e, v in zip(entry.top_logprobs, top.values.tolist()))
+    parsed = _roundtrip(r, sdk.ChatCompletionResponse)  # vllm-sdk reads them as a plain dict
+    assert parsed.choices[0].logprobs["content"][0]["token"] == content[0].token
+    plain = await client.chat.completions.create(model=LLAMA, messages=HELLO, max_completion_tokens=2, temperature=0.0)
+    assert plain.choices[0].logprobs is None
+
+    extras = dict(temperature=1.0, presence_penalty=0.5, frequency_penalty=0.5, top_k=50, min_p=0.05)
+    r2 = await client.chat.completions.create(model=LLAMA, messages=HELLO, max_completion_tokens=6, seed=3, n=2, **extras)
+    assert [c.index for c in r2.choices] == [0, 1]
+    solo = [(await default_model.chat(HELLO, wb.SamplingParams(max_tokens=6, seed=3 + j, **extras)))[0] for j in range(2)]
+    assert [c.message.content for c in r2.choices] == [s.generated for s in solo]
+    assert r2.usage.completion_tokens == sum(len(s.token_ids) for s in solo)
+    _roundtrip(r2, sdk.ChatCompletionResponse)
+
+    with pytest.raises(wb.APIValidationError, match="stream=true") as info:
+        async for _ in client.chat.completions.create_stream(model=LLAMA, messages=HELLO, max_completion_tokens=2,
+                                                              logprobs=True):
+            pass
+    assert info.value.status_code == 400
+    with pytest.raises(wb.APIValidationError, match="top_logprobs needs logprobs") as info:
+        await client.chat.completions.create(model=LLAMA, messages=HELLO, max_completion_tokens=2, top_logprobs=2)
+    assert info.value.status_code == 400
 
 
 async def test_variant_interventions_ride_along(client, default_model):
@@ -149,7 +194,9 @@ def test_sdk_requests_parse_into_our_schemas():
     (lambda c: c.chat.completions.create(model=LLAMA, messages=HELLO, interventions=[{"index_in_sae": 999, "strength": 1}]),
      400, "no feature with index_in_sae 999"),
     (lambda c: c.chat.completions.create(model=LLAMA, messages=[]), 422, "messages"),
-    (lambda c: c.features.logits(model=LLAMA, messages=HELLO, end_idx=100000), 400, "end_idx"),
+    (lambda c: c.features.logits(model=LLAMA, messages=HELLO, start_idx=5, end_idx=2), 400, "start_idx:end_idx"),
+    (lambda c: c.chat.completions.create(model=LLAMA, messages=HELLO, interventions=[{"index_in_sae": 0, "strength": "big"}]),
+     422, "strength must be a number"),
 ])
 async def test_errors_carry_status_and_detail(client, call, status, match):
     with pytest.raises(wb.APIValidationError, match=match) as info:
@@ -157,6 +204,25 @@ async def test_errors_carry_status_and_detail(client, call, status, match):
     assert info.value.status_code == status and isinstance(info.value, wb.WorkbenchError)
     ok = await client.chat.completions.create(model=LLAMA, messages=HELLO, max_completion_tokens=3, temperature=0.0)
     assert ok.choices[0].message.content
+
+
+async def test_logits_indices_are_python_slice_bounds(client, default_model):
+    """``end_idx`` past the end clamps (as ``list[:10**5]`` does) and negative bounds count from the end."""
+    import torch
+
+    from workbench.features.inspection import _render
+
+    ids = _render(default_model, HELLO)
+
+    full = await top_logits(default_model, ids, 10)
+    for start, end in ((None, 10**5), (-10**5, len(ids) + 1), (None, None)):
+        r = await client.features.logits(model=LLAMA, messages=HELLO, top_k=10, start_idx=start, end_idx=end)
+        assert same_logits(r.logits, full) and r.usage.total_tokens == len(ids), (start, end)
+    for start, end in ((None, -3), (-4, None), (1, len(ids) - 1)):
+        expected = await top_logits(default_model, ids[start:end], 10)
+        assert not same_logits(expected, full)   # the slice matters, so the check below tells slices apart
+        r = await client.features.logits(model=LLAMA, messages=HELLO, top_k=10, start_idx=start, end_idx=end)
+        assert same_logits(r.logits, expected), (start, end)
 
 
 def test_sync_client(request, transport, default_model):

@@ -46,7 +46,9 @@ CASES = {
     "pop on an empty stack": (lambda m: m.pop_steering_spec(), wb.SteeringStackEmptyError, r"stack is empty"),
     "prefill without an assistant message": (
         lambda m: m.chat(USER, GREEDY, chat_options={"continue_final_message": True}), wb.ValidationError, r"last message to be an assistant"),
-    "unknown chat option": (lambda m: m.chat(USER, GREEDY, chat_options={"add_generation": True}), wb.ValidationError, r"unknown chat_options"),
+    "chat option the workbench controls": (
+        lambda m: m.chat(USER, GREEDY, chat_options={"tokenize": True}), wb.ValidationError, r"chat_options \['tokenize'\] cannot be set"),
+    "chat options not a dict": (lambda m: m.chat(USER, GREEDY, chat_options=["x"]), wb.ValidationError, r"chat_options must be a dict"),
     "steering of the wrong type": (lambda m: m.generate("Hi", GREEDY, steering="pirate"), wb.ValidationError, r"got str"),
     "token id outside the vocabulary": (lambda m: m.generate([1, 2, 99999], GREEDY), wb.ValidationError, r"token id 99999 outside 0..399"),
     "wrong number of per-prompt specs": (

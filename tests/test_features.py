@@ -8,6 +8,8 @@ import torch
 import workbench as wb
 from workbench.features.search import LabelIndex
 
+from conftest import same_logits, top_logits
+
 
 def write_sae(path, d_in=64, d_sae=128, architecture="jumprelu", hook="blocks.2.hook_resid_post", k=None, seed=0):
     from safetensors.torch import save_file
@@ -160,8 +162,23 @@ async def test_inspect_logits_contrast_on_sae_features(sae_model):
     assert len(logits) <= 5 and list(logits.values()) == sorted(logits.values(), reverse=True)
     steered = await fs.logits(conv, top_k=5, interventions=[{"index_in_sae": 4, "strength": 8.0}])
     assert steered != logits
-    with pytest.raises(wb.ValidationError, match="need 0 <= start_idx < end_idx <="):
-        await fs.logits(conv, end_idx=10_000)
+    # start_idx/end_idx are slice bounds, as ids[start_idx:end_idx]: clamped to the length, negatives from the end
+    from workbench.features.inspection import _render
+
+    ids = _render(model, conv)
+
+    full = await top_logits(model, ids, 5)
+    assert same_logits(logits, full) and same_logits(await fs.logits(conv, top_k=5, end_idx=10_000), full)
+    assert same_logits(await fs.logits(conv, top_k=5, start_idx=-10**6, end_idx=len(ids) + 1), full)
+    for start, end in ((None, -2), (-3, None), (2, 6)):
+        expected = await top_logits(model, ids[start:end], 5)
+        assert not same_logits(expected, full)   # the slice matters, so the check below can tell slices apart
+        assert same_logits(await fs.logits(conv, top_k=5, start_idx=start, end_idx=end), expected), (start, end)
+    for start, end in ((4, 2), (len(ids), None), (None, -len(ids)), (None, 0)):
+        with pytest.raises(wb.ValidationError, match="empty; the next-token logits need at least one token"):
+            await fs.logits(conv, start_idx=start, end_idx=end)
+    with pytest.raises(wb.ValidationError, match="end_idx must be an integer"):
+        await fs.logits(conv, end_idx=2.5)
     with pytest.raises(wb.ValidationError, match="aggregation_method 'median' is not allowed"):
         await fs.inspect(conv, aggregation_method="median")
     with pytest.raises(wb.EmptyInputError, match="dataset_2 is empty"):

@@ -79,10 +79,10 @@ async def test_a_sampler_that_raises_fails_only_its_request(tiny, monkeypatch):
     solo = [await model_chat(tiny, *job) for job in jobs]
     real = hf_engine.sample_token
 
-    def flaky(logits, params, generator, seen):
+    def flaky(logits, params, generator, seen, **kwargs):
         if params.seed == 666 and len(seen) > 12:  # a few tokens in: the request is mid-decode with the others
             raise RuntimeError("sampler fault")
-        return real(logits, params, generator, seen)
+        return real(logits, params, generator, seen, **kwargs)
 
     monkeypatch.setattr(hf_engine, "sample_token", flaky)
     bad = wb.SamplingParams(temperature=0.9, seed=666, max_tokens=12, ignore_eos=True)

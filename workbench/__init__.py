@@ -2,22 +2,47 @@
 
 >>> import workbench as wb
 >>> model = wb.load("default")  # doctest: +SKIP
+
+Names load on first use (PEP 562): ``from workbench import AsyncClient, ChatMessage, Variant`` is a
+light client (httpx and pydantic, no torch), as vllm-sdk's is; ``wb.load`` and the rest import the
+engine when first touched. A new public name goes in ``_LAZY`` (module it lives in) and ``__all__``.
 """
 
-from . import plots  # noqa: F401  (wb.plots)
-from .api import AsyncClient, Client
-from .capture import CaptureHandle
-from .chat import ChatResponse, MessageBoundary, StreamChunk
-from .engine import SteerModel, load
+from __future__ import annotations
+
+import importlib
+
 from .errors import (
     APIConnectionError, APIError, APIValidationError, BackendUnavailableError, EmptyInputError, EngineError, LayerOutOfRangeError, ModelNotFoundError,
     NonFiniteActivationError, PromptTooLongError, RequestFailedError, SteeringStackEmptyError, UnknownFeatureError, ValidationError, VectorError, WorkbenchError,
 )
-from .features import SAE, Feature, FeatureSet, InterventionSpec, Variant
-from .models import resolve_model
-from .sampling import SamplingParams
-from .sweep import strength_sweep
-from .steering import AblationSpec, AddSpec, LayerSteeringSpec, ProjectionCapSpec, SAEClampSpec, SteeringSpec
+
+# vllm-sdk's top-level schema names, so its users' imports work with the package name changed
+_SDK_SCHEMAS = (
+    "ChatCompletionChoice", "ChatCompletionChunk", "ChatCompletionChunkChoice", "ChatCompletionDelta", "ChatCompletionMessage",
+    "ChatCompletionRequest", "ChatCompletionResponse", "ChatCompletionUsage", "ChatMessage", "FeatureItem", "FeatureSearchRequest",
+    "FeatureSearchResponse", "InterventionSpec", "ModelName", "RoleLiteral",
+)
+
+# public name -> the module defining it, imported when the name is first used
+_LAZY = {
+    "plots": ".plots",   # a submodule: wb.plots
+    "AsyncClient": ".api.client", "Client": ".api.client",
+    **{name: ".api.schemas" for name in _SDK_SCHEMAS},
+    "CaptureHandle": ".capture",
+    "ChatResponse": ".chat", "MessageBoundary": ".chat", "StreamChunk": ".chat",
+    "SteerModel": ".engine", "load": ".engine",
+    "VLLMSteerModel": ".engine.vllm", "VLLMSteeringConfig": ".engine.vllm",
+    "SAE": ".features.sae", "Feature": ".features.featureset", "FeatureSet": ".features.featureset",
+    "Variant": ".features.variant",
+    "resolve_model": ".models",
+    "SamplingParams": ".sampling",
+    "strength_sweep": ".sweep",
+    **{name: ".outputs" for name in ("RequestOutput", "CompletionOutput", "Logprob")},
+    **{name: ".evaluation" for name in ("evaluate_steering", "best_steering", "OfflineJudge", "OpenAIJudge")},
+    **{name: ".steering" for name in ("AblationSpec", "AddSpec", "LayerSteeringSpec", "ProjectionCapSpec", "SAEClampSpec",
+                                       "SteeringSpec")},
+}
 
 __version__ = "0.1.0"
 
@@ -25,6 +50,22 @@ __all__ = [
     "APIConnectionError", "APIError", "APIValidationError", "AsyncClient", "Client", "AblationSpec", "AddSpec", "Feature", "FeatureSet", "InterventionSpec", "SAE", "UnknownFeatureError", "Variant", "BackendUnavailableError", "CaptureHandle", "ChatResponse", "EmptyInputError",
     "EngineError", "LayerOutOfRangeError", "LayerSteeringSpec", "MessageBoundary", "ModelNotFoundError", "NonFiniteActivationError",
     "ProjectionCapSpec", "PromptTooLongError", "RequestFailedError", "SAEClampSpec", "SamplingParams", "SteerModel", "SteeringSpec",
-    "SteeringStackEmptyError", "StreamChunk", "ValidationError", "VectorError", "WorkbenchError", "load",
-    "resolve_model", "strength_sweep",
+    "SteeringStackEmptyError", "StreamChunk", "VLLMSteerModel", "VLLMSteeringConfig", "ValidationError", "VectorError", "WorkbenchError", "load",
+    "resolve_model", "strength_sweep", "evaluate_steering", "best_steering", "OfflineJudge", "OpenAIJudge",
+    "RequestOutput", "CompletionOutput", "Logprob",
+    *sorted(set(_SDK_SCHEMAS) - {"InterventionSpec"}),
 ]
+
+
+def __getattr__(name: str):
+    where = _LAZY.get(name)
+    if where is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    module = importlib.import_module(where, __name__)
+    value = module if name == where.rsplit(".", 1)[-1] else getattr(module, name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))

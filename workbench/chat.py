@@ -13,7 +13,9 @@ from dataclasses import dataclass, field
 from .errors import EmptyInputError, ValidationError
 
 ALLOWED_ROLES = ("system", "user", "assistant", "tool", "developer")
-_CHAT_OPTION_KEYS = {"add_generation_prompt", "continue_final_message", "chat_template", "tools", "documents"}
+# apply_chat_template keywords that change what it returns: the workbench renders text and
+# tokenizes it itself (it needs the character offsets for message boundaries)
+_RESERVED_CHAT_OPTIONS = ("tokenize", "return_dict", "return_tensors", "return_assistant_tokens_mask", "conversation")
 
 
 @dataclass
@@ -31,14 +33,28 @@ class MessageBoundary:
         return self.end_token - self.start_token
 
 
-@dataclass
-class ChatResponse:
-    """One chat reply: an optional assistant ``prefill`` the model continued, and what it ``generated``."""
+class ChatResponse(str):
+    """One chat reply: an optional assistant ``prefill`` the model continued, and what it ``generated``.
 
-    prefill: str = ""
-    generated: str = ""
-    token_ids: list = field(default_factory=list)
-    finish_reason: str | None = None
+    It is the reply's full text as a ``str`` (chatspace code slices, prints, compares and joins its
+    replies), with the parts and details as attributes.
+
+    >>> r = ChatResponse(prefill="Ahoy", generated=", matey!")
+    >>> r[:4], len(r), r == "Ahoy, matey!", r.generated
+    ('Ahoy', 12, True, ', matey!')
+    """
+
+    prefill: str
+    generated: str
+    token_ids: list
+    finish_reason: str | None
+
+    def __new__(cls, prefill: str = "", generated: str = "", token_ids=None, finish_reason: str | None = None):
+        self = super().__new__(cls, prefill + generated)
+        self.prefill, self.generated = prefill, generated
+        self.token_ids = list(token_ids or [])
+        self.finish_reason = finish_reason
+        return self
 
     @property
     def has_prefill(self) -> bool:
@@ -51,8 +67,12 @@ class ChatResponse:
         """The reply as a message to append to the conversation."""
         return {"role": "assistant", "content": self.full_text()}
 
-    def __str__(self) -> str:
-        return self.full_text()
+    def __repr__(self) -> str:
+        return (f"ChatResponse(prefill={self.prefill!r}, generated={self.generated!r}, "
+                f"token_ids=<{len(self.token_ids)} tokens>, finish_reason={self.finish_reason!r})")
+
+    def __reduce__(self):  # str subclasses pickle by value only; keep the parts
+        return (ChatResponse, (self.prefill, self.generated, self.token_ids, self.finish_reason))
 
 
 @dataclass
@@ -90,10 +110,21 @@ def normalize_conversations(messages_or_conversations) -> tuple[list[list[dict]]
 
 
 def check_chat_options(chat_options: dict | None) -> dict:
+    """Validate ``chat_options``: any ``apply_chat_template`` keyword, as transformers and vLLM take them.
+
+    >>> check_chat_options({"enable_thinking": False})["add_generation_prompt"]
+    True
+    """
+    if chat_options is not None and not isinstance(chat_options, dict):
+        raise ValidationError(f"chat_options must be a dict of apply_chat_template keywords, got {type(chat_options).__name__}")
     opts = dict(chat_options or {})
-    unknown = set(opts) - _CHAT_OPTION_KEYS
-    if unknown:
-        raise ValidationError(f"unknown chat_options {sorted(unknown)}; allowed: {sorted(_CHAT_OPTION_KEYS)}")
+    bad = [k for k in opts if not isinstance(k, str) or not k.isidentifier()]
+    if bad:
+        raise ValidationError(f"chat_options keys must be keyword names, got {bad!r}")
+    reserved = sorted(set(opts) & set(_RESERVED_CHAT_OPTIONS))
+    if reserved:
+        raise ValidationError(f"chat_options {reserved} cannot be set: the workbench renders the template to text and "
+                              f"tokenizes it itself (it needs the offsets for message boundaries)")
     if opts.get("continue_final_message"):
         opts.setdefault("add_generation_prompt", False)
         if opts["add_generation_prompt"]:
@@ -125,7 +156,7 @@ def render_chat(tokenizer, messages: list[dict], chat_options: dict) -> Rendered
     cont = bool(opts.get("continue_final_message"))
     if cont and messages[-1]["role"] != "assistant":
         raise ValidationError("continue_final_message=True needs the last message to be an assistant prefill")
-    kwargs = {k: v for k, v in opts.items() if k in ("chat_template", "tools", "documents")}
+    kwargs = {k: v for k, v in opts.items() if k not in ("add_generation_prompt", "continue_final_message")}
     try:
         text = tokenizer.apply_chat_template(
             messages, tokenize=False, add_generation_prompt=bool(opts["add_generation_prompt"]),

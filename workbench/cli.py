@@ -1,4 +1,4 @@
-"""The ``workbench`` command: ``workbench prepare`` converts the default model once.
+"""The ``workbench`` command: ``prepare`` (convert the default model once), ``serve``, ``smoke``, ``version``.
 
 >>> # shell: workbench prepare
 """
@@ -30,6 +30,15 @@ def main(argv: list[str] | None = None) -> int:
                      help="refuse requests asking for more new tokens than this (default: the model's context)")
     srv.add_argument("--enforce-eager", action="store_true", help="vllm backend: skip compiled mode (faster start)")
     srv.add_argument("--tensor-parallel-size", type=int, default=None, help="vllm backend: GPUs (or CPU ranks) per model")
+    smk = sub.add_parser("smoke", help="chatspace's steering smoke check: does a random vector at one layer change the reply?")
+    smk.add_argument("--model-name", default="default", help="'default', a local HF folder or a hub id")
+    smk.add_argument("--backend", default="auto", choices=["auto", "hf", "vllm"])
+    smk.add_argument("--layer", type=int, required=True, help="0-based decoder block whose output is steered")
+    smk.add_argument("--scale", type=float, required=True, help="length of the added random vector")
+    smk.add_argument("--max-tokens", type=int, default=32)
+    smk.add_argument("--prompt", default=None, help="the raw prompt (default: a question about France)")
+    smk.add_argument("--seed", type=int, default=0, help="seed of the random direction")
+    smk.add_argument("--enforce-eager", action="store_true", help="vllm backend: skip compiled mode (faster start)")
     args = parser.parse_args(argv)
     if args.command == "prepare":
         from .models import prepare_default_model
@@ -47,6 +56,11 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("--enforce-eager and --tensor-parallel-size need --backend vllm")
         serve(args.model, backend=args.backend, host=args.host, port=args.port, api_key=args.api_key,
               aliases=args.served_model_name, log_level=args.log_level, max_tokens_limit=args.max_tokens_limit, **extra)
+    elif args.command == "smoke":
+        from .smoke import PROMPT, main as smoke_main
+
+        args.prompt = args.prompt or PROMPT
+        return smoke_main(args)
     elif args.command == "version":
         from . import __version__
 

@@ -66,6 +66,13 @@ class AddSpec:
     def apply(self, h: torch.Tensor) -> torch.Tensor:
         return h + self.scale * self.vector.to(h.device, h.dtype)
 
+    def materialize(self) -> torch.Tensor:
+        """The vector actually added, ``scale * vector`` (chatspace's name)."""
+        return (self.scale * self.vector).contiguous()
+
+    def clone(self) -> "AddSpec":
+        return AddSpec(vector=self.vector.clone(), scale=self.scale)
+
 
 @dataclass
 class ProjectionCapSpec:
@@ -91,6 +98,9 @@ class ProjectionCapSpec:
         p = h @ u
         return h + (p.clamp(min=self.min, max=self.max) - p).unsqueeze(-1) * u
 
+    def clone(self) -> "ProjectionCapSpec":
+        return ProjectionCapSpec(vector=self.vector.clone(), min=self.min, max=self.max)
+
 
 @dataclass
 class AblationSpec:
@@ -108,6 +118,9 @@ class AblationSpec:
     def apply(self, h: torch.Tensor) -> torch.Tensor:
         u = _unit(self.vector, h)
         return h + ((self.scale - 1.0) * (h @ u)).unsqueeze(-1) * u
+
+    def clone(self) -> "AblationSpec":
+        return AblationSpec(vector=self.vector.clone(), scale=self.scale)
 
 
 def _as_matrix(value, what: str, shape_hint: str) -> torch.Tensor:
@@ -182,22 +195,27 @@ def _unit(vector: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return (v / v.norm()).to(like.dtype)
 
 
-@dataclass
 class LayerSteeringSpec:
     """The ops of one layer, applied in list order.
 
     The chatspace form ``LayerSteeringSpec(add=..., projection_cap=..., ablation=...)`` is accepted
-    too and becomes ``operations=[add, projection_cap, ablation]``.
+    too and becomes ``operations=[add, projection_cap, ablation]``. The other way round, ``.add``,
+    ``.projection_cap`` and ``.ablation`` show the layer in chatspace's form whenever it has one
+    (at most one op of each kind, in that order, no SAE clamp), else ``None``; assigning to them
+    replaces (or, with ``None``, removes) the op of that kind.
+
+    >>> import torch
+    >>> ls = LayerSteeringSpec(add=AddSpec(torch.ones(4), scale=2.0))
+    >>> ls.add.scale, len(ls.operations)
+    (2.0, 1)
     """
 
-    operations: list = field(default_factory=list)
-    add: AddSpec | None = None
-    projection_cap: ProjectionCapSpec | None = None
-    ablation: AblationSpec | None = None
-
-    def __post_init__(self):
-        ops = list(self.operations or [])
-        for extra in (self.add, self.projection_cap, self.ablation):
+    def __init__(self, operations=None, add: AddSpec | None = None, projection_cap: ProjectionCapSpec | None = None,
+                 ablation: AblationSpec | None = None):
+        ops = list(operations or [])
+        for kind, extra in ((AddSpec, add), (ProjectionCapSpec, projection_cap), (AblationSpec, ablation)):
+            if extra is not None and not isinstance(extra, kind):
+                raise ValidationError(f"LayerSteeringSpec: expected a {kind.__name__}, got {type(extra).__name__}")
             if extra is not None:
                 ops.append(extra)
         for i, op in enumerate(ops):
@@ -206,7 +224,41 @@ class LayerSteeringSpec:
                     f"operations[{i}] is a {type(op).__name__}; expected AddSpec, ProjectionCapSpec, AblationSpec or SAEClampSpec"
                 )
         self.operations = ops
-        self.add = self.projection_cap = self.ablation = None
+
+    def __repr__(self) -> str:
+        return f"LayerSteeringSpec(operations={self.operations!r})"
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, LayerSteeringSpec) and self.operations == other.operations
+
+    __hash__ = None  # mutable, like the dataclass it replaces
+
+    def _chatspace_form(self) -> dict | None:
+        """``{kind: op}`` when the ops fit chatspace's one-slot-per-kind layer, else None."""
+        ranks = [_CANONICAL.index(type(op)) if type(op) in _CANONICAL else -1 for op in self.operations]
+        if -1 in ranks or ranks != sorted(set(ranks)):
+            return None
+        return {type(op): op for op in self.operations}
+
+    def _view(self, kind):
+        form = self._chatspace_form()
+        return None if form is None else form.get(kind)
+
+    def _set(self, kind, op) -> None:
+        if op is not None and not isinstance(op, kind):
+            raise ValidationError(f"expected a {kind.__name__} or None, got {type(op).__name__}")
+        self.operations = _replace_kind(self.operations, kind, op)
+
+    add = property(lambda self: self._view(AddSpec), lambda self, op: self._set(AddSpec, op),
+                   doc="The layer's additive op in chatspace's form (None if absent or not expressible).")
+    projection_cap = property(lambda self: self._view(ProjectionCapSpec), lambda self, op: self._set(ProjectionCapSpec, op),
+                              doc="The layer's projection cap in chatspace's form (None if absent or not expressible).")
+    ablation = property(lambda self: self._view(AblationSpec), lambda self, op: self._set(AblationSpec, op),
+                        doc="The layer's ablation in chatspace's form (None if absent or not expressible).")
+
+    def clone(self) -> "LayerSteeringSpec":
+        """A copy with its own op list (chatspace's name; vectors are shared, they are never mutated)."""
+        return LayerSteeringSpec(operations=list(self.operations))
 
     def apply(self, h: torch.Tensor) -> torch.Tensor:
         for op in self.operations:
@@ -245,6 +297,8 @@ class SteeringSpec:
     def copy(self) -> "SteeringSpec":
         """A copy whose layer and op lists can be changed without touching this one (vectors shared)."""
         return SteeringSpec(layers={k: LayerSteeringSpec(operations=list(v.operations)) for k, v in self.layers.items()})
+
+    clone = copy  # chatspace's name
 
     def validate(self, hidden_size: int, layer_count: int) -> "SteeringSpec":
         """Check layers and vector sizes against a model; return self."""
@@ -398,14 +452,20 @@ def merge_specs(*specs: "SteeringSpec") -> "SteeringSpec":
     return SteeringSpec(layers={layer: LayerSteeringSpec(operations=ops) for layer, ops in layers.items()})
 
 
+def _replace_kind(operations: list, kind: type, op: SteeringOp | None) -> list:
+    """``operations`` without the ops of ``kind``, plus ``op`` at its canonical place (add, cap, ablation)."""
+    ops = [o for o in operations if not isinstance(o, kind)]
+    if op is not None:
+        rank = _CANONICAL.index(kind)
+        pos = next((i for i, o in enumerate(ops) if type(o) in _CANONICAL and _CANONICAL.index(type(o)) > rank), len(ops))
+        ops.insert(pos, op)
+    return ops
+
+
 def replace_op(spec: SteeringSpec, layer: int, op: SteeringOp | None, kind: type) -> SteeringSpec:
     """A copy of ``spec`` with the ops of ``kind`` at ``layer`` replaced by ``op`` (or removed)."""
     new = spec.copy()
-    ops = [o for o in new.layers.get(layer, LayerSteeringSpec()).operations if not isinstance(o, kind)]
-    if op is not None:
-        rank = _CANONICAL.index(kind)
-        pos = next((i for i, o in enumerate(ops) if _CANONICAL.index(type(o)) > rank), len(ops))
-        ops.insert(pos, op)
+    ops = _replace_kind(new.layers.get(layer, LayerSteeringSpec()).operations, kind, op)
     if ops:
         new.layers[layer] = LayerSteeringSpec(operations=ops)
     else:

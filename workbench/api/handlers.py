@@ -36,7 +36,7 @@ class Service:
 
     def steering(self, interventions, extra: dict | None = None) -> SteeringSpec:
         """The interventions compiled to a spec, followed at each layer by the ops of ``extra`` (a spec dict)."""
-        spec = compile_interventions([iv.model_dump() for iv in interventions], self.model.features) if interventions \
+        spec = compile_interventions(interventions, self.model.features) if interventions \
             else SteeringSpec()
         if extra:
             more = SteeringSpec.from_dict(extra).validate(self.model.hidden_size, self.model.layer_count)
@@ -57,11 +57,21 @@ class Service:
     # -- chat ----------------------------------------------------------------------------------
     def _sampling(self, req: s.ChatCompletionRequest) -> SamplingParams:
         wanted = req.max_tokens or req.max_completion_tokens
-        if self.max_tokens_limit is not None and wanted > self.max_tokens_limit:
-            raise ValidationError(f"max tokens {wanted} is over this server's limit of {self.max_tokens_limit}")
-        return SamplingParams(temperature=req.temperature, top_p=req.top_p, seed=req.seed,
-                              max_tokens=wanted,
-                              repetition_penalty=req.repetition_penalty, stop=req.stop or [])
+        if self.max_tokens_limit is not None and wanted * req.n > self.max_tokens_limit:
+            many = f" x n={req.n}" if req.n > 1 else ""
+            raise ValidationError(f"max tokens {wanted}{many} is over this server's limit of {self.max_tokens_limit}")
+        if req.top_logprobs is not None and not req.logprobs:
+            raise ValidationError("top_logprobs needs logprobs=true (as in OpenAI's API)")
+        if req.stream and req.logprobs:
+            raise ValidationError("logprobs are not available with stream=true; ask without streaming")
+        if req.stream and req.n > 1:
+            raise ValidationError(f"n={req.n} is not available with stream=true (a stream carries one reply); "
+                                  "ask without streaming")
+        return SamplingParams(temperature=req.temperature, top_p=req.top_p, top_k=req.top_k or 0, min_p=req.min_p,
+                              seed=req.seed, max_tokens=wanted, min_tokens=req.min_tokens,
+                              repetition_penalty=req.repetition_penalty, presence_penalty=req.presence_penalty,
+                              frequency_penalty=req.frequency_penalty, stop=req.stop or [], n=req.n,
+                              logprobs=(req.top_logprobs or 0) if req.logprobs else None)
 
     @staticmethod
     def _chat_options(req: s.ChatCompletionRequest) -> dict | None:
@@ -70,16 +80,34 @@ class Service:
     async def chat(self, req: s.ChatCompletionRequest) -> s.ChatCompletionResponse:
         name = self.check_model(req.model)
         messages = self._messages(req.messages)
-        [reply] = await self.model.chat(messages, self._sampling(req), steering=self._spec(req),
-                                        chat_options=self._chat_options(req))
-        prompt = len(self.model._render([messages], self._chat_options(req))[0].token_ids)
+        [out] = await self.model.chat(messages, self._sampling(req), steering=self._spec(req),
+                                      chat_options=self._chat_options(req), raw_output=True)
+        prompt = len(out.prompt_token_ids)
+        completion = sum(len(c.token_ids) for c in out.outputs)  # OpenAI counts every choice's tokens
         return s.ChatCompletionResponse(
             **self._meta("chatcmpl"), model=name,
-            choices=[s.ChatCompletionChoice(index=0, message=s.ChatCompletionMessage(content=reply.generated),
-                                            finish_reason=reply.finish_reason)],
-            usage=s.ChatCompletionUsage(prompt_tokens=prompt, completion_tokens=len(reply.token_ids),
-                                        total_tokens=prompt + len(reply.token_ids)),
+            choices=[s.ChatCompletionChoice(index=c.index, message=s.ChatCompletionMessage(content=c.text),
+                                            finish_reason=c.finish_reason,
+                                            logprobs=self._logprobs(c, req.top_logprobs or 0) if req.logprobs else None)
+                     for c in out.outputs],
+            usage=s.ChatCompletionUsage(prompt_tokens=prompt, completion_tokens=completion,
+                                        total_tokens=prompt + completion),
         )
+
+    @staticmethod
+    def _logprobs(completion, top: int) -> s.ChoiceLogprobs:
+        """OpenAI's ``logprobs.content`` from a ``CompletionOutput``'s per-token ``{id: Logprob}``."""
+        def entry(lp):
+            token = lp.decoded_token or ""
+            # -inf is not JSON; vLLM's server clamps the same way
+            return {"token": token, "logprob": max(lp.logprob, -9999.0), "bytes": list(token.encode("utf-8", "replace"))}
+
+        content = []
+        for token_id, step in zip(completion.token_ids, completion.logprobs or []):
+            best = sorted(step.values(), key=lambda lp: -lp.logprob)[:top]  # the sampled token only if it is among them
+            content.append(s.ChatCompletionTokenLogprob(**entry(step[token_id]),
+                                                        top_logprobs=[s.TopLogprob(**entry(lp)) for lp in best]))
+        return s.ChoiceLogprobs(content=content)
 
     async def chat_stream(self, req: s.ChatCompletionRequest):
         """Chunks: first the role, then text deltas, then one with the finish reason."""
@@ -113,6 +141,29 @@ class Service:
         self.check_model(req.model_name)
         ranked = self.model.features.rerank(req.query, [f.model_dump() for f in req.features], req.top_k)
         return s.FeatureRerankResponse(data=[s.FeatureItem(**f.to_item()) for f in ranked])
+
+    async def add_concept(self, req: s.ConceptRequest) -> s.ConceptResponse:
+        self.check_model(req.model)
+        f = await self.model.features.add_concept(req.label, req.positive, req.negative, req.layer, method=req.method)
+        return s.ConceptResponse(feature=self._item(f), method=f.method, scale=f.scale)
+
+    async def best_steering(self, req: s.BestSteeringRequest) -> s.BestSteeringResponse:
+        from ..evaluation import best_steering
+
+        self.check_model(req.model)
+        fs = self.model.features
+        feature = fs.get(req.feature)
+        best = await best_steering(self.model, feature, req.prompts, layers=req.layers, strengths=req.strengths,
+                                   sampling=SamplingParams(temperature=0.0, max_tokens=req.max_tokens))
+        dial = feature
+        if best.layer != feature.layer:  # dials steer a feature at its own layer: register it at the chosen one
+            fid = f"{feature.id}@L{best.layer}"
+            dial = fs.get(fid) if fid in {f.id for f in fs} else await fs.add_vector(
+                f"{feature.label} (layer {best.layer})", feature.direction, best.layer, feature_id=fid)
+        rows = [s.SteeringScoreRow(**{k: float(r[k]) for k in ("strength", "concept", "instruction", "fluency", "hm")},
+                                   layer=int(r["layer"])) for r in best.table.to_dict("records")]
+        return s.BestSteeringResponse(layer=best.layer, strength=best.strength, hm=best.hm, feature=self._item(dial),
+                                      table=rows)
 
     async def _tokens(self, messages) -> int:
         from ..features.inspection import _render

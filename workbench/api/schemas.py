@@ -2,7 +2,9 @@
 
 Field names, defaults and bounds follow the vllm-sdk seed; where that client restricts ``model`` to
 two Llama names, these schemas take any string (a server answers to its served-model-name aliases).
-``/v1/chat/completions`` also takes the OpenAI fields (``max_tokens``, ``top_p``, ``stop``, ``n=1``).
+``/v1/chat/completions`` also takes the OpenAI fields (``max_tokens``, ``top_p``, ``stop``, ``n``,
+``presence_penalty``, ``frequency_penalty``, ``logprobs``, ``top_logprobs``) and vLLM's server extras
+(``top_k``, ``min_p``, ``min_tokens``, ``continue_final_message``).
 The norms request/response is the workbench's own: what the widgets plot.
 
 >>> ChatCompletionRequest(model="default", messages=[{"role": "user", "content": "Hi"}]).max_completion_tokens
@@ -11,9 +13,14 @@ The norms request/response is the workbench's own: what the widgets plot.
 
 from __future__ import annotations
 
+import math
+from enum import Enum
 from typing import Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+import pydantic
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer
+
+from ..errors import ValidationError as _WorkbenchValidationError
 
 RoleLiteral = Literal["system", "user", "assistant"]
 
@@ -28,10 +35,114 @@ class ChatMessage(_Body):
     content: str
 
 
+MODES = ("add", "clamp")
+_IV_FIELDS = ("index_in_sae", "strength", "mode", "feature_id")
+
+
+class ModelName(str, Enum):
+    """The model names vllm-sdk knows; a workbench server answers to any of its served names.
+
+    >>> str(ModelName.META_LLAMA_3_1_8B_INSTRUCT)
+    'meta-llama/Llama-3.1-8B-Instruct'
+    """
+
+    META_LLAMA_3_1_8B_INSTRUCT = "meta-llama/Llama-3.1-8B-Instruct"
+    META_LLAMA_3_3_70B_INSTRUCT = "meta-llama/Llama-3.3-70B-Instruct"
+
+    def __str__(self) -> str:  # Variant(ModelName.X) and f-strings want the name, not "ModelName.X"
+        return self.value
+
+
 class InterventionSpec(_Body):
+    """One feature intervention: a feature (``index_in_sae``, or ``feature_id`` when given), a strength, a mode.
+
+    The one class for request bodies and ``Variant``s. It takes arguments by position (as vllm-sdk's
+    Variant helper does) or by name (as its schema does); bad values raise ``wb.ValidationError``.
+    ``feature_id`` is a workbench extension, left out of the body when None so vllm-sdk servers see
+    their own schema.
+
+    >>> InterventionSpec(3, 0.5).model_dump()
+    {'index_in_sae': 3, 'strength': 0.5, 'mode': 'add'}
+    """
+
     index_in_sae: int
     strength: float
     mode: Optional[Literal["add", "clamp"]] = "add"
+    feature_id: Optional[str] = None
+
+    def __init__(self, *args, **data):
+        if len(args) > len(_IV_FIELDS):
+            raise TypeError(f"InterventionSpec takes at most {len(_IV_FIELDS)} positional arguments, got {len(args)}")
+        for name, value in zip(_IV_FIELDS, args):
+            if name in data:
+                raise TypeError(f"InterventionSpec got two values for {name!r}")
+            data[name] = value
+        try:
+            super().__init__(**data)
+        except pydantic.ValidationError as exc:
+            # built in Python (a Variant, a notebook): the workbench's error, as the rest of the API raises
+            raise _WorkbenchValidationError(_error_text(exc)) from exc
+
+    @field_validator("index_in_sae", mode="before")
+    @classmethod
+    def _integer(cls, v):
+        # bools are ints to Python, and a float or a string would quietly pick some feature
+        if isinstance(v, bool) or not hasattr(v, "__index__"):
+            raise ValueError(f"index_in_sae must be an integer, got {v!r}")
+        return v.__index__()
+
+    @field_validator("strength", mode="before")
+    @classmethod
+    def _finite(cls, v):
+        try:
+            f = float(v)
+        except (TypeError, ValueError):
+            raise ValueError(f"strength must be a number, got {v!r}") from None
+        if not math.isfinite(f):
+            raise ValueError(f"strength must be finite, got {v!r}")
+        return f
+
+    @field_validator("mode", mode="before")
+    @classmethod
+    def _mode(cls, v):
+        if v is None:  # vllm-sdk's schema allows None: the default
+            return "add"
+        if not isinstance(v, str) or v not in MODES:
+            raise ValueError(f"mode {v!r} is not allowed; allowed: {list(MODES)}")
+        return v
+
+    @model_serializer(mode="wrap")
+    def _wire(self, handler):
+        data = handler(self)
+        if data.get("feature_id") is None:
+            data.pop("feature_id", None)
+        return data
+
+    def to_dict(self) -> dict:
+        """The request-body form, e.g. ``{"index_in_sae": 3, "strength": 0.5, "mode": "add"}``."""
+        return self.model_dump()
+
+    @classmethod
+    def from_any(cls, item) -> "InterventionSpec":
+        """An InterventionSpec from itself, a dict, or an object with ``index_in_sae`` and ``strength`` (vllm-sdk's)."""
+        if isinstance(item, cls):
+            return item
+        if isinstance(item, dict):
+            return cls(**item)
+        if hasattr(item, "index_in_sae") and hasattr(item, "strength"):
+            return cls(item.index_in_sae, item.strength, getattr(item, "mode", "add"), getattr(item, "feature_id", None))
+        raise _WorkbenchValidationError(f"an intervention is an InterventionSpec or a dict, got {item!r}")
+
+
+def _error_text(exc: pydantic.ValidationError) -> str:
+    """Our validators' own messages as they are; pydantic's with the field they are about."""
+    parts = []
+    for e in exc.errors():
+        if e["type"] == "value_error" and "error" in e.get("ctx", {}):
+            parts.append(str(e["ctx"]["error"]))
+        else:
+            parts.append(f"{'.'.join(map(str, e['loc']))}: {e['msg']}")
+    return "; ".join(parts)
 
 
 class ChatCompletionRequest(_Body):
@@ -47,7 +158,15 @@ class ChatCompletionRequest(_Body):
     max_tokens: Optional[int] = Field(None, ge=1)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     stop: Optional[Union[str, list[str]]] = None
-    n: int = Field(1, ge=1, le=1)
+    n: int = Field(1, ge=1, le=128)  # OpenAI's bound; the replies are choices 0..n-1
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    logprobs: Optional[bool] = False  # per generated token: its log-probability (and top_logprobs alternatives)
+    top_logprobs: Optional[int] = Field(None, ge=0, le=20)
+    # vLLM's OpenAI server extras (sampling)
+    top_k: Optional[int] = Field(None, ge=-1)
+    min_p: float = Field(0.0, ge=0.0, le=1.0)
+    min_tokens: int = Field(0, ge=0)
     # vLLM's OpenAI server extra: continue a final assistant message (a prefill) instead of opening a new one
     continue_final_message: bool = False
     # workbench extension: a whole SteeringSpec (SteeringSpec.to_dict()), applied after the interventions
@@ -59,11 +178,30 @@ class ChatCompletionMessage(_Body):
     content: str
 
 
+class TopLogprob(_Body):
+    """One candidate token at one step (OpenAI's): its text, log-probability and UTF-8 bytes."""
+
+    token: str
+    logprob: float
+    bytes: Optional[list[int]] = None
+
+
+class ChatCompletionTokenLogprob(TopLogprob):
+    """A generated token with the ``top_logprobs`` most likely tokens at its step."""
+
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
+class ChoiceLogprobs(_Body):
+    content: Optional[list[ChatCompletionTokenLogprob]] = None
+
+
 class ChatCompletionChoice(_Body):
     index: int
     message: ChatCompletionMessage
     finish_reason: Optional[str] = "stop"
-    logprobs: Optional[dict] = None
+    # OpenAI's {"content": [...]} when the request set logprobs=true (vllm-sdk reads it as a plain dict)
+    logprobs: Optional[ChoiceLogprobs] = None
 
 
 class ChatCompletionUsage(_Body):
@@ -109,6 +247,51 @@ class FeatureItem(_Body):
     dimension: Optional[int] = None
 
 
+class ConceptRequest(_Body):
+    """Train a concept from contrastive examples and add it to the model's feature set (workbench extension)."""
+
+    model: str
+    label: str = Field(..., min_length=1)
+    positive: list[str] = Field(..., min_length=1)
+    negative: Optional[list[str]] = None
+    layer: Optional[int] = None
+    method: Literal["mean_diff", "caa", "pca", "probe"] = "mean_diff"
+
+
+class ConceptResponse(_Body):
+    feature: FeatureItem
+    method: str
+    scale: float
+
+
+class BestSteeringRequest(_Body):
+    """Pick the layer and strength of a feature that score best on tuning prompts (workbench extension)."""
+
+    model: str
+    feature: str  # a feature id
+    prompts: Optional[list[str]] = Field(None, min_length=1)
+    layers: Optional[list[int]] = Field(None, min_length=1)
+    strengths: Optional[list[float]] = Field(None, min_length=1)
+    max_tokens: int = Field(48, ge=1, le=256)
+
+
+class SteeringScoreRow(_Body):
+    layer: int
+    strength: float
+    concept: float
+    instruction: float
+    fluency: float
+    hm: float
+
+
+class BestSteeringResponse(_Body):
+    layer: int
+    strength: float
+    hm: float
+    feature: FeatureItem  # the feature to dial: the given one, or one registered at the chosen layer
+    table: list[SteeringScoreRow]
+
+
 class FeatureSearchRequest(_Body):
     query: str
     model_name: str
@@ -134,6 +317,10 @@ class FeatureRerankResponse(_Body):
 
 class Usage(_Body):
     total_tokens: int
+
+
+# vllm-sdk names one identical usage class per route; code importing those names keeps working
+FeatureInspectionUsage = ActivationsUsage = LogitsUsage = ContrastUsage = Usage
 
 
 class FeatureInspectionRequest(_Body):
@@ -183,8 +370,9 @@ class LogitsRequest(_Body):
     messages: list[ChatMessage] = Field(..., min_length=1)
     interventions: Optional[list[InterventionSpec]] = None
     top_k: Optional[int] = Field(None, ge=1)
-    start_idx: Optional[int] = Field(None, ge=0)
-    end_idx: Optional[int] = Field(None, ge=1)
+    # Python slice bounds over the rendered conversation's tokens: clamped, negative counts from the end
+    start_idx: Optional[int] = None
+    end_idx: Optional[int] = None
     # workbench extension: a whole SteeringSpec (SteeringSpec.to_dict()), applied after the interventions
     steering: Optional[dict] = None
 

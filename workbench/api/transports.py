@@ -13,13 +13,14 @@ import pydantic
 
 from ..errors import APIError, APIValidationError, EngineError, RequestFailedError, ValidationError, WorkbenchError
 from . import schemas as s
-from .handlers import Service
 
 # route -> (request schema, Service method name); the server mounts the same table
 ROUTES = {
     "/v1/chat/completions": (s.ChatCompletionRequest, "chat"),
     "/v1/features/search": (s.FeatureSearchRequest, "search"),
     "/v1/features/rerank": (s.FeatureRerankRequest, "rerank"),
+    "/v1/features/concepts": (s.ConceptRequest, "add_concept"),
+    "/v1/steering/best": (s.BestSteeringRequest, "best_steering"),
     "/v1/chat_attribution/inspect": (s.FeatureInspectionRequest, "inspect"),
     "/v1/chat_attribution/activations": (s.ActivationsRequest, "activations"),
     "/v1/chat_attribution/logits": (s.LogitsRequest, "logits"),
@@ -55,6 +56,8 @@ class InProcessTransport:
     """Calls a ``Service`` in this process, round-tripping bodies through JSON and the schemas."""
 
     def __init__(self, model, aliases=()):
+        from .handlers import Service  # the engine side: imported here so a remote-only client never loads torch
+
         self.service = Service(model, aliases)
 
     def _parse(self, path: str, body: dict):

@@ -22,6 +22,7 @@ from ..errors import (
     EmptyInputError, EngineError, LayerOutOfRangeError, PromptTooLongError, RequestFailedError, SteeringStackEmptyError,
     ValidationError, WorkbenchError,
 )
+from ..outputs import CompletionOutput, RequestOutput, TokenText
 from ..sampling import SamplingParams
 from ..steering import AblationSpec, AddSpec, ProjectionCapSpec, SteeringSpec, replace_op
 from .rwlock import AsyncRWLock
@@ -64,6 +65,8 @@ class FinishEvent:
     token_ids: list
     captures: dict  # layer -> [tokens, hidden] tensor
     logits: object = None  # [vocab] next-token logits after the prompt, when asked for
+    logprobs: list | None = None  # per generated token {token_id: Logprob}, when SamplingParams.logprobs is set
+    cumulative_logprob: float | None = None
 
 
 @dataclass
@@ -86,6 +89,9 @@ class _Result:
     finish_reason: str
     captures: dict
     logits: object = None
+    logprobs: list | None = None
+    cumulative_logprob: float | None = None
+    request_id: str = ""
 
 
 class SteerModel:
@@ -216,16 +222,42 @@ class SteerModel:
     async def _run(self, request: Request) -> _Result:
         async for event in self._events(request):
             if isinstance(event, FinishEvent):
-                return _Result(event.text, event.token_ids, event.finish_reason, event.captures, event.logits)
+                return _Result(event.text, event.token_ids, event.finish_reason, event.captures, event.logits,
+                               event.logprobs, event.cumulative_logprob, request.request_id)
         raise EngineError(f"request {request.request_id} ended without a result")  # pragma: no cover
 
     async def _run_many(self, prompt_ids: list, sampling, specs, capture) -> list:
+        """Run every prompt ``sampling.n`` times; results prompt-major (all samples of prompt 0, then prompt 1...)."""
+        samples = [sampling] if sampling.n == 1 else [sampling.for_sample(j) for j in range(sampling.n)]
         async with self._rw.reading():
             requests = [
-                self._new_request(ids, sampling, self._global if spec is None else spec, capture)
-                for ids, spec in zip(prompt_ids, specs)
+                self._new_request(ids, params, self._global if spec is None else spec, capture)
+                for ids, spec in zip(prompt_ids, specs) for params in samples
             ]
             return await asyncio.gather(*(self._run(r) for r in requests))
+
+    @staticmethod
+    def _request_outputs(prompts, prompt_ids, results, n: int) -> list:
+        """vLLM's ``RequestOutput`` per prompt, its ``n`` samples as ``outputs``."""
+        outs = []
+        for i, (prompt, ids) in enumerate(zip(prompts, prompt_ids)):
+            group = results[i * n:(i + 1) * n]
+            outs.append(RequestOutput(
+                request_id=group[0].request_id, prompt=prompt, prompt_token_ids=list(ids),
+                outputs=[CompletionOutput(j, r.text, list(r.token_ids), r.cumulative_logprob, r.logprobs, r.finish_reason)
+                         for j, r in enumerate(group)]))
+        return outs
+
+    @staticmethod
+    def _handle_names(prefix: str, count: int, n: int) -> list:
+        return [f"{prefix}-{i}" if n == 1 else f"{prefix}-{i}-{j}" for i in range(count) for j in range(n)]
+
+    @property
+    def _token_text(self) -> TokenText:
+        """Token id -> text, for logprobs (made on first use: backends build their own ``__init__``)."""
+        if getattr(self, "_token_text_cache", None) is None:
+            self._token_text_cache = TokenText(self.tokenizer)
+        return self._token_text_cache
 
     def _handle(self, request_id, capture, prompt_ids, result: _Result, boundaries=()) -> CaptureHandle:
         return CaptureHandle(
@@ -235,12 +267,18 @@ class SteerModel:
         )
 
     # ------------------------------------------------------------------ public generation API
-    async def generate(self, prompts, sampling_params=None, *, steering=None, capture_layers=None, **sampling_kwargs):
+    async def generate(self, prompts, sampling_params=None, *, steering=None, capture_layers=None, raw_output=False,
+                       **sampling_kwargs):
         """Complete raw prompts; return texts, or ``(texts, handles)`` when ``capture_layers`` is given.
 
         ``steering=None`` uses the global spec; a ``SteeringSpec`` (or one per prompt) is used exactly.
+        With ``n > 1`` the texts (and handles) are flat, prompt-major: all ``n`` samples of prompt 0,
+        then those of prompt 1, ... ``raw_output=True`` returns vLLM-shaped ``RequestOutput``s instead
+        (one per prompt, its samples in ``.outputs``, with logprobs when asked for).
 
         >>> texts = await model.generate(["Q: 2+2=? A:"], wb.SamplingParams(temperature=0, max_tokens=8))  # doctest: +SKIP
+        >>> [out] = await model.generate("Q: 2+2=? A:", n=2, seed=0, logprobs=3, raw_output=True)  # doctest: +SKIP
+        >>> out.outputs[1].logprobs[0]  # doctest: +SKIP
         """
         if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
@@ -251,10 +289,14 @@ class SteerModel:
         specs = self._steering_for(steering, len(prompts))
         ids = [self._encode_prompt(p, i) for i, p in enumerate(prompts)]
         results = await self._run_many(ids, sampling, specs, capture)
-        texts = [r.text for r in results]
+        n = sampling.n
+        texts = [r.text for r in results] if not raw_output else \
+            self._request_outputs([p if isinstance(p, str) else None for p in prompts], ids, results, n)
         if capture_layers is None:
             return texts
-        return texts, [self._handle(f"gen-{i}", capture, pid, r) for i, (pid, r) in enumerate(zip(ids, results))]
+        sample_ids = [pid for pid in ids for _ in range(n)]
+        return texts, [self._handle(name, capture, pid, r)
+                       for name, pid, r in zip(self._handle_names("gen", len(ids), n), sample_ids, results)]
 
     def _render(self, conversations, chat_options):
         opts = check_chat_options(chat_options)
@@ -264,11 +306,14 @@ class SteerModel:
         return rendered
 
     async def chat(self, messages, sampling_params=None, *, steering=None, capture_layers=None, chat_options=None,
-                   **sampling_kwargs):
+                   raw_output=False, **sampling_kwargs):
         """Reply to one conversation or a list of them; return ``list[ChatResponse]`` (and handles).
 
         ``chat_options={"continue_final_message": True, "add_generation_prompt": False}`` continues
-        a final assistant message (prefill).
+        a final assistant message (prefill). With ``n > 1`` the replies (and handles) are flat,
+        prompt-major: all ``n`` replies to conversation 0, then those to conversation 1, ...
+        ``raw_output=True`` returns vLLM-shaped ``RequestOutput``s instead (one per conversation;
+        ``.prompt`` is the rendered prompt, ``.outputs[j].text`` the generated text without a prefill).
 
         >>> [reply] = await model.chat([{"role": "user", "content": "Hi!"}], max_tokens=16)  # doctest: +SKIP
         """
@@ -278,14 +323,20 @@ class SteerModel:
         specs = self._steering_for(steering, len(conversations))
         rendered = self._render(conversations, chat_options)
         results = await self._run_many([r.token_ids for r in rendered], sampling, specs, capture)
-        responses = [
-            ChatResponse(prefill=r.prefill, generated=res.text, token_ids=list(res.token_ids), finish_reason=res.finish_reason)
-            for r, res in zip(rendered, results)
-        ]
+        n = sampling.n
+        per_sample = [r for r in rendered for _ in range(n)]
+        if raw_output:
+            responses = self._request_outputs([r.text for r in rendered], [r.token_ids for r in rendered], results, n)
+        else:
+            responses = [
+                ChatResponse(prefill=r.prefill, generated=res.text, token_ids=list(res.token_ids),
+                             finish_reason=res.finish_reason)
+                for r, res in zip(per_sample, results)
+            ]
         if capture_layers is None:
             return responses
-        handles = [self._handle(f"chat-{i}", capture, r.token_ids, res, r.boundaries)
-                   for i, (r, res) in enumerate(zip(rendered, results))]
+        handles = [self._handle(name, capture, r.token_ids, res, r.boundaries)
+                   for name, r, res in zip(self._handle_names("chat", len(rendered), n), per_sample, results)]
         return responses, handles
 
     async def stream_chat(self, messages, sampling_params=None, *, steering=None, chat_options=None, **sampling_kwargs):
@@ -298,6 +349,8 @@ class SteerModel:
         if not single and len(conversations) != 1:
             raise ValidationError(f"stream_chat takes one conversation, got {len(conversations)}")
         sampling = SamplingParams.from_any(sampling_params, **sampling_kwargs)
+        if sampling.n != 1:
+            raise ValidationError(f"stream_chat streams one reply; got n={sampling.n} (use chat for n > 1)")
         [spec] = self._steering_for(steering, 1)
         [rendered] = self._render(conversations, chat_options)
         async with self._rw.reading():
@@ -407,11 +460,49 @@ class SteerModel:
             self._global = replace_op(self._global, layer_idx, op, kind)
 
     async def set_layer_vector(self, layer_idx: int, vector, scale: float = 1.0) -> None:
-        """Global additive steering at one layer: ``h <- h + scale * vector``."""
+        """Global additive steering at one layer: ``h <- h + scale * vector``; ``vector=None`` clears the layer.
+
+        >>> await model.set_layer_vector(6, torch.randn(model.hidden_size) * 50.0)  # doctest: +SKIP
+        """
+        if vector is None:
+            await self.clear_layer_vector(layer_idx)
+            return
         await self._edit(layer_idx, AddSpec(vector=vector, scale=scale), AddSpec)
 
     async def clear_layer_vector(self, layer_idx: int) -> None:
-        await self._edit(layer_idx, None, AddSpec)
+        """Remove all global steering at one layer: its vector, projection cap and ablation (as chatspace does)."""
+        self.check_layer(layer_idx, "layer_idx")
+        async with self._rw.writing():
+            self._global = self._global.copy()
+            self._global.layers.pop(layer_idx, None)
+
+    def set_target_layer(self, layer_idx: int) -> None:
+        """Choose the layer ``set_vector`` steers (chatspace's single-layer API).
+
+        >>> model.set_target_layer(6); await model.set_vector(vector)  # doctest: +SKIP
+        """
+        self._target_layer = self.check_layer(layer_idx, "layer_idx")
+
+    @property
+    def target_layer(self) -> int | None:
+        """The layer ``set_vector`` steers (``set_target_layer``), or None before one was chosen."""
+        return getattr(self, "_target_layer", None)
+
+    def _require_target(self) -> int:
+        if self.target_layer is None:
+            raise ValidationError("no target layer: call model.set_target_layer(layer) before set_vector")
+        return self.target_layer
+
+    async def set_vector(self, vector, scale: float = 1.0) -> None:
+        """``set_layer_vector`` at the target layer; ``None`` clears that layer."""
+        await self.set_layer_vector(self._require_target(), vector, scale)
+
+    def current_vector(self, layer_idx: int | None = None) -> torch.Tensor:
+        """The vector globally added at a layer (default: the target layer), ``scale * vector``; zeros if none."""
+        layer = self._require_target() if layer_idx is None else self.check_layer(layer_idx, "layer_idx")
+        ls = self._global.layers.get(layer)
+        adds = [op for op in (ls.operations if ls else []) if isinstance(op, AddSpec)]
+        return sum((op.materialize() for op in adds), torch.zeros(self.hidden_size))
 
     async def set_layer_projection_cap(self, layer_idx: int, vector, min: float | None = None, max: float | None = None) -> None:
         """Global projection cap at one layer (applied after the layer's additive vector)."""

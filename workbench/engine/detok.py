@@ -11,7 +11,7 @@ from __future__ import annotations
 class TextStream:
     """Turn token ids into text deltas; ``text`` is the reply so far (stop string excluded)."""
 
-    def __init__(self, tokenizer, stop: list[str] | None = None):
+    def __init__(self, tokenizer, stop: list[str] | None = None, min_tokens: int = 0):
         self._tok = tokenizer
         self._ids: list[int] = []
         self._prefix_offset = 0
@@ -21,6 +21,7 @@ class TextStream:
         self._stop = list(stop or [])
         self._hold = max((len(s) for s in self._stop), default=1) - 1
         self.stopped = False
+        self._min_tokens = int(min_tokens)  # vLLM looks for stop strings only after min_tokens tokens
 
     def _decode(self, ids) -> str:
         return self._tok.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
@@ -46,7 +47,7 @@ class TextStream:
         return self._release(final=True)
 
     def _check_stop(self) -> None:
-        if self._stop and not self.stopped:
+        if self._stop and not self.stopped and len(self._ids) > self._min_tokens:
             start = max(0, self._emitted - self._hold - 1)
             hits = [i for i in (self.text.find(s, start) for s in self._stop) if i >= 0]
             if hits:

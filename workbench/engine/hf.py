@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import EngineError, NonFiniteActivationError
-from ..sampling import make_generator, sample_token
+from ..outputs import logprob_dict
+from ..sampling import make_generator, sample_token, token_logprobs
 from ..steering import AddSpec, SteeringSpec
 from .base import ErrorEvent, FinishEvent, Request, SteerModel, TokenEvent, request_failed
 from .detok import TextStream, token_step
@@ -39,6 +40,7 @@ class _Row:
     chunks: dict = field(default_factory=dict)  # layer -> list of [n, hidden] CPU tensors
     finish_reason: str | None = None
     logits: object = None
+    logprobs: list | None = None  # per generated token {id: Logprob}, when the request asks for them
 
 
 @dataclass
@@ -254,7 +256,8 @@ class HFSteerModel(SteerModel):
         """Run the new requests' prompts in one pass: ``[pad, cached prefix, pad, new tokens]`` per row."""
         from transformers import DynamicCache
 
-        rows = [_Row(r, make_generator(r.sampling, self.device), TextStream(self.tokenizer, r.sampling.stop),
+        rows = [_Row(r, make_generator(r.sampling, self.device),
+                     TextStream(self.tokenizer, r.sampling.stop, r.sampling.min_tokens),
                      self._eos | frozenset(r.sampling.stop_token_ids)) for r in reqs]
         hits = []
         for r in reqs:
@@ -425,13 +428,18 @@ class HFSteerModel(SteerModel):
     def _advance(self, row: _Row, i: int, greedy: list, logits: torch.Tensor) -> None:
         """Sample row ``i``'s next token, stream its text, and finish it when it is done."""
         params = row.req.sampling
-        if params.greedy and params.repetition_penalty == 1.0:
+        holding = len(row.out_ids) < params.min_tokens  # EOS and stop ids are masked: argmax may differ
+        if params.greedy and not params.penalized and not holding:
             token = greedy[i]
         else:
             seen = torch.tensor(row.req.prompt_ids + row.out_ids, device=logits.device)
-            token = sample_token(logits[i], params, row.generator, seen)
+            out = torch.tensor(row.out_ids, dtype=torch.long, device=logits.device)
+            token = sample_token(logits[i], params, row.generator, seen, output_ids=out, stop_ids=sorted(row.eos_ids))
         if row.req.want_logits and not row.out_ids:
             row.logits = logits[i].float().cpu()
+        if params.logprobs is not None:  # vLLM's raw logprobs: the model's logits before any processing
+            row.logprobs = row.logprobs if row.logprobs is not None else []
+            row.logprobs.append(logprob_dict(token_logprobs(logits[i], token, params.logprobs), self._token_text))
         row.out_ids.append(token)
         self.stats["tokens"] += 1
         delta, row.finish_reason = token_step(row.stream, token, params, row.eos_ids, len(row.out_ids),
@@ -440,7 +448,9 @@ class HFSteerModel(SteerModel):
         if row.finish_reason is not None:
             captures = {layer: torch.cat(chunks) if chunks else torch.empty(0, self.hidden_size)
                         for layer, chunks in row.chunks.items()}
-            row.req.emit(FinishEvent(row.finish_reason, row.stream.text, list(row.out_ids), captures, row.logits))
+            cumulative = None if row.logprobs is None else sum(step[t].logprob for step, t in zip(row.logprobs, row.out_ids))
+            row.req.emit(FinishEvent(row.finish_reason, row.stream.text, list(row.out_ids), captures, row.logits,
+                                     row.logprobs, cumulative))
 
     # ------------------------------------------------------------------ steering and capture
     def _capture_map(self, rows: list[_Row], starts: list[int]) -> dict:

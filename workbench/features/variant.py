@@ -12,58 +12,21 @@ its typical maximum, by encode / set / decode keeping the reconstruction error).
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
+from ..api.schemas import MODES, InterventionSpec  # noqa: F401  (the one intervention class; re-exported)
 from ..errors import ValidationError
 from ..models import canonical_name
-from ..steering import LayerSteeringSpec, SteeringSpec
 
-MODES = ("add", "clamp")
-
-
-@dataclass
-class InterventionSpec:
-    """One intervention: a feature (by ``index_in_sae``, or ``feature_id`` when given), a strength, a mode."""
-
-    index_in_sae: int
-    strength: float
-    mode: str = "add"
-    feature_id: str | None = None
-
-    def __post_init__(self):
-        if isinstance(self.index_in_sae, bool) or not isinstance(self.index_in_sae, int):
-            raise ValidationError(f"index_in_sae must be an integer, got {self.index_in_sae!r}")
-        try:
-            self.strength = float(self.strength)
-        except (TypeError, ValueError) as exc:
-            raise ValidationError(f"strength must be a number, got {self.strength!r}") from exc
-        if not math.isfinite(self.strength):
-            raise ValidationError(f"strength must be finite, got {self.strength!r}")
-        if self.mode is None:
-            self.mode = "add"
-        if self.mode not in MODES:
-            raise ValidationError(f"mode {self.mode!r} is not allowed; allowed: {list(MODES)}")
-
-    def to_dict(self) -> dict:
-        return {"index_in_sae": self.index_in_sae, "strength": self.strength, "mode": self.mode}
-
-    @classmethod
-    def from_any(cls, item) -> "InterventionSpec":
-        if isinstance(item, cls):
-            return item
-        if isinstance(item, dict):
-            return cls(**{k: item[k] for k in ("index_in_sae", "strength", "mode", "feature_id") if k in item})
-        if hasattr(item, "index_in_sae") and hasattr(item, "strength"):  # vllm-sdk's own InterventionSpec
-            return cls(item.index_in_sae, item.strength, getattr(item, "mode", "add"))
-        raise ValidationError(f"an intervention is an InterventionSpec or a dict, got {item!r}")
+if TYPE_CHECKING:  # torch-heavy: imported where a spec is built, so the client stays light
+    from ..steering import SteeringSpec
 
 
 class Variant:
     """A model name with feature interventions; pass it as ``steering=`` or as a client's ``model=``."""
 
     def __init__(self, model_name: str = "default"):
-        self.model_name = canonical_name(str(model_name))
+        self.model_name = canonical_name(str(getattr(model_name, "value", model_name)))  # a ModelName too
         self.interventions: list[InterventionSpec] = []
         self.spec: SteeringSpec | None = None   # workbench extension: raw ops applied after the interventions
 
@@ -95,7 +58,7 @@ class Variant:
 
     def add_spec(self, spec: SteeringSpec) -> "Variant":
         """Also apply a raw ``SteeringSpec`` (after the feature interventions, at each layer)."""
-        from ..steering import merge_specs
+        from ..steering import SteeringSpec, merge_specs
 
         if not isinstance(spec, SteeringSpec):
             raise ValidationError(f"add_spec takes a SteeringSpec, got {type(spec).__name__}")
@@ -137,6 +100,8 @@ class Variant:
 
 def compile_interventions(interventions, features) -> SteeringSpec:
     """Interventions -> one SteeringSpec; SAE clamps on one SAE are merged into one encode/set/decode."""
+    from ..steering import LayerSteeringSpec, SteeringSpec
+
     layers: dict[int, list] = {}
     clamps: dict[str, tuple[int, list, list]] = {}
     for raw in interventions or []:
