@@ -18,7 +18,7 @@ DEFAULT_STRENGTH = 0.4
 
 
 class _Row:
-    def __init__(self, item, strength: float, mode: str, on_change, on_remove):
+    def __init__(self, item, strength: float, mode: str, on_change, on_remove, on_auto=None):
         self.item = item
         self.slider = w.FloatSlider(value=strength, min=STRENGTH_RANGE[0], max=STRENGTH_RANGE[1], step=0.05,
                                     description="strength", continuous_update=False, readout_format=".2f",
@@ -27,15 +27,20 @@ class _Row:
         self.mode = w.Dropdown(options=["add", "clamp"], value=mode, layout=w.Layout(width="80px"))
         self.remove = w.Button(icon="times", tooltip="remove", layout=w.Layout(width="36px"))
         self.remove.add_class("wb-remove")
+        self.auto = w.Button(icon="magic", tooltip="auto: pick the layer and strength that score best "
+                             "(concept, instruction, fluency on tuning prompts; about a minute)", layout=w.Layout(width="36px"))
+        self.auto.add_class("wb-auto")
         short = item.label.split(":")[0]
         label = w.HTML(f"<b title='{html.escape(item.label, quote=True)}'>{html.escape(short)}</b>"
                        f" <small>· layer {item.layer} · #{item.index_in_sae}</small>")
-        self.box = w.VBox([label, w.HBox([self.slider, self.mode, self.remove], layout=w.Layout(width="100%"))],
+        self.box = w.VBox([label, w.HBox([self.slider, self.mode, self.auto, self.remove], layout=w.Layout(width="100%"))],
                           layout=w.Layout(border_bottom="1px solid #eee", padding="2px 0"))
         self.box.add_class("wb-dial")
         self.slider.observe(lambda _: on_change(), "value")
         self.mode.observe(lambda _: on_change(), "value")
         self.remove.on_click(lambda _: on_remove(self))
+        if on_auto is not None:
+            self.auto.on_click(lambda _: on_auto(self))
 
     @property
     def key(self):
@@ -95,6 +100,7 @@ class SteeringDials(Panel):
         self.summary = w.HTML("<i>no features yet: pick some in the search panel</i>")
         self._rows: list[_Row] = []
         self._callbacks: list = []
+        self.last_auto = None  # the BestSteeringResponse of the last auto button
         super().__init__(source, [w.HBox([w.HTML("<b>Steering</b>&nbsp;&nbsp;"), self.enabled]),
                                   self.rows_box, self.summary], **kwargs)
         self.add_class("wb-dials")
@@ -112,9 +118,44 @@ class SteeringDials(Panel):
             if row.key == item.id:
                 row.slider.value, row.mode.value = strength, mode
                 return
-        self._rows.append(_Row(item, strength, mode, self._changed, self.remove))
+        self._rows.append(_Row(item, strength, mode, self._changed, self.remove, self.auto))
         self.rows_box.children = [r.box for r in self._rows]
         self._changed()
+
+    def auto(self, row_or_id):
+        """Ask the server for the feature's best layer and strength and set the dial to them; returns the task.
+
+        The choice maximises the harmonic mean of concept, instruction and fluency on tuning prompts
+        (``wb.best_steering``). A layer other than the feature's own comes back as a feature registered
+        at that layer, which replaces the row. The scores of every tried setting are in ``last_auto``.
+
+        >>> await dials.auto("concept/pirate")   # doctest: +SKIP
+        """
+        key = getattr(row_or_id, "key", row_or_id)
+        row = next(r for r in self._rows if r.key == key)
+
+        async def run():
+            row.auto.disabled = True
+            self.summary.value = f"<i>finding the best layer and strength for {html.escape(row.item.label.split(':')[0])}…</i>"
+            try:
+                got = await self.client.features.best_steering(row.item.id, model=self._served_name)
+            finally:
+                row.auto.disabled = False
+            self.last_auto = got
+            if got.feature.id != row.key:
+                position = self._rows.index(row)
+                new = _Row(got.feature, got.strength, row.mode.value, self._changed, self.remove, self.auto)
+                self._rows[position] = new
+                self.rows_box.children = [r.box for r in self._rows]
+                self._changed()
+            else:
+                row.slider.value = got.strength
+                self._changed()
+            self.summary.value += (f" · auto: layer {got.layer}, strength {got.strength:g} "
+                                   f"(score {got.hm:.2f} of 2)")
+            return got
+
+        return self._spawn(run())
 
     def add_spec(self, label: str, spec, strength: float = 1.0) -> None:
         """Add a row for a raw ``SteeringSpec`` built in code; its slider multiplies the spec's add ops.

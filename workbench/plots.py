@@ -242,3 +242,68 @@ def export(fig, path, format: str | None = None, scale: float = 2.0) -> Path:
         fig.write_image(str(path), format=fmt, scale=scale)
     return path
 
+
+EVAL_SCORES = ("concept", "instruction", "fluency", "hm")
+
+
+def steering_scores(evaluation, title: str | None = None):
+    """Mean concept / instruction / fluency / harmonic score against strength, a line per layer.
+
+    Takes a ``wb.evaluate_steering`` table or ``best_steering(...).sweep``; the best cell (highest mean
+    harmonic score) is ringed.
+
+    >>> fig = wb.plots.steering_scores(await wb.evaluate_steering(model, "concept/pirate", strengths=[0.2, 0.4]))  # doctest: +SKIP
+    """
+    go = _go()
+    from plotly.subplots import make_subplots
+
+    missing = {"layer", "strength", *EVAL_SCORES} - set(evaluation.columns)
+    if missing:
+        raise ValidationError(f"an evaluation table needs the columns {sorted(missing)}")
+    # a line per layer (and per repetition penalty, when the sweep tried several)
+    keys = ["layer"] + (["repetition_penalty"] if evaluation.get("repetition_penalty", pd.Series([1.0])).nunique() > 1 else [])
+    table = evaluation.groupby([*keys, "strength"], as_index=False)[list(EVAL_SCORES)].mean()
+    best = table.sort_values("hm", ascending=False, kind="stable").iloc[0]
+    names = {"concept": "concept", "instruction": "instruction", "fluency": "fluency", "hm": "harmonic mean"}
+    fig = make_subplots(rows=1, cols=4, subplot_titles=[names[s] for s in EVAL_SCORES], shared_yaxes=True,
+                        horizontal_spacing=0.04)
+    for i, (key, rows) in enumerate(table.groupby(keys, sort=True)):
+        key = key if isinstance(key, tuple) else (key,)
+        name = f"layer {key[0]:g}" + (f", rep. penalty {key[1]:g}" if len(key) > 1 else "")
+        rows = rows.sort_values("strength")
+        for col, score in enumerate(EVAL_SCORES, start=1):
+            fig.add_trace(go.Scatter(x=rows.strength, y=rows[score], mode="lines+markers", name=name,
+                                     legendgroup=name, showlegend=col == 1,
+                                     line={"color": PALETTE[i % len(PALETTE)], "dash": "dot" if len(key) > 1 and key[1] != 1.0 else "solid"}), 1, col)
+    fig.add_trace(go.Scatter(x=[best.strength], y=[best.hm], mode="markers", name=f"best: layer {best.layer:g}, {best.strength:g}",
+                             marker={"size": 16, "symbol": "circle-open", "color": "black", "line": {"width": 2}}), 1, 4)
+    fig.update_yaxes(range=[0, 2.05])
+    fig.update_yaxes(title_text="score (0-2)", row=1, col=1)
+    fig.update_xaxes(title_text="strength")
+    fig.update_layout(title=title or f"Steering quality ({evaluation.attrs.get('judge', 'offline')} judge)", height=360,
+                      margin={"l": 60, "r": 20, "t": 80, "b": 60})
+    return _style(fig)
+
+
+def steering_comparison(results, title: str | None = None):
+    """Grouped bars per concept: fixed-strength difference of means, each method at its auto setting, prompting.
+
+    Takes the table ``benchmarks/steering_eval.py`` writes (columns ``concept``, ``fixed_mean_diff``,
+    ``auto_<method>``, ``prompting``); the last group is the mean over concepts.
+    """
+    go = _go()
+    df = results.copy()
+    methods = [c.removeprefix("auto_") for c in df.columns
+               if c.startswith("auto_") and not c.endswith(("_setting", "_concept", "_instruction", "_fluency"))]
+    bars = [("fixed_mean_diff", "difference of means at 0.4")] + [(f"auto_{m}", f"{m}, auto") for m in methods]
+    bars += [("prompting", "prompting")]
+    mean = {c: df[c].mean() for c, _ in bars}
+    x = list(df.concept) + ["mean"]
+    fig = go.Figure()
+    for i, (column, name) in enumerate(bars):
+        fig.add_trace(go.Bar(x=x, y=list(df[column]) + [mean[column]], name=name,
+                             marker_color=PALETTE[i % len(PALETTE)]))
+    fig.update_layout(barmode="group", title=title or "Steering quality on held-out prompts (harmonic mean, 0-2)",
+                      yaxis_title="harmonic mean of concept, instruction, fluency", height=380,
+                      margin={"l": 60, "r": 20, "t": 60, "b": 60})
+    return _style(fig)

@@ -39,11 +39,15 @@ def _direction(model, feature) -> tuple[torch.Tensor, object]:
 
 
 async def layer_scales(model, layers) -> dict[int, float]:
-    """Median per-token residual norm at each layer on the concept library's neutral sentences."""
+    """Median per-token residual norm at each layer on the concept library's neutral sentences (kept on the model)."""
     from .features.concepts import example_stats, library_data
 
-    _, _, norms = await example_stats(model, library_data()["neutral"], list(layers))
-    return {layer: float(n.median()) for layer, n in zip(layers, norms)}
+    known = model.__dict__.setdefault("_layer_scales", {})
+    missing = [layer for layer in dict.fromkeys(layers) if layer not in known]
+    if missing:
+        _, _, norms = await example_stats(model, library_data()["neutral"], missing)
+        known.update({layer: float(n.median()) for layer, n in zip(missing, norms)})
+    return {layer: known[layer] for layer in layers}
 
 
 def _kl(steered: torch.Tensor, base: torch.Tensor) -> float:

@@ -88,14 +88,18 @@ def _example_tokens(model, example) -> tuple[list[int], int, int]:
     return rendered.token_ids, start, end
 
 
-async def example_stats(model, examples, layers, desc: str | None = None):
-    """Per example and layer, the sum of residuals over its content tokens; token counts; per-token norms."""
+async def example_stats(model, examples, layers, desc: str | None = None, last: bool = False):
+    """Per example and layer, the sum of residuals over its content tokens; token counts; per-token norms.
+
+    With ``last=True`` also the residual at each example's last content token (``[examples, layers, hidden]``).
+    """
     from tqdm.auto import tqdm
 
     items = [_example_tokens(model, e) for e in examples]
     sums = torch.zeros(len(items), len(layers), model.hidden_size)
     counts = torch.zeros(len(items))
     norms = [[] for _ in layers]
+    lasts = torch.zeros(len(items), len(layers), model.hidden_size) if last else None
     bar = tqdm(total=len(items), desc=desc, unit="text", disable=desc is None, leave=False)
     for first in range(0, len(items), _CHUNK):
         batch = items[first:first + _CHUNK]
@@ -105,9 +109,13 @@ async def example_stats(model, examples, layers, desc: str | None = None):
                 h = out[layer][a:b]
                 sums[first + k, j] = h.sum(0)
                 norms[j].append(h.norm(dim=-1))
+                if last:
+                    lasts[first + k, j] = h[-1]
             counts[first + k] = b - a
         bar.update(len(batch))
     bar.close()
+    if last:
+        return sums, counts, [torch.cat(n) for n in norms], lasts
     return sums, counts, [torch.cat(n) for n in norms]
 
 
@@ -204,13 +212,66 @@ def _feature(model, label, fid, index, layers, ps, pc, ns, nc, neutral_sums, neu
                    scale=float(norms[j].median()), kind="concept", bias=bias, span=max(float(pos_tok @ r) - bias, 1e-3))
 
 
+METHODS = ("mean_diff", "caa", "pca", "probe")
+"""How a concept's steering direction is fitted from its examples (all deterministic):
+
+- ``mean_diff``: difference of the mean residuals of positives and negatives (over content tokens);
+- ``caa``: contrastive activation addition: the mean difference of *paired* examples at their last
+  content token (Rimsky et al.; pairs are positive i with negative i, cycling the negatives);
+- ``pca``: the first principal direction of the paired differences of mean residuals (repeng's
+  PCA of differences, uncentred so the shared shift counts; sign towards the positives);
+- ``probe``: the weight vector of an L2-regularised logistic regression separating positive from
+  negative mean residuals (standardised features, mapped back to the residual space).
+"""
+
+
+def fit_steering_direction(method: str, pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
+    """The unit steering direction of ``method`` from per-example rows ``pos`` / ``neg`` ([n, hidden]).
+
+    For ``caa`` the rows are last-token residuals; for the others mean residuals. Negatives are
+    paired with positives by cycling them.
+
+    >>> d = fit_steering_direction("pca", torch.randn(8, 16) + 1.0, torch.randn(8, 16))
+    """
+    if method not in METHODS:
+        raise ValidationError(f"method {method!r} is unknown; allowed: {list(METHODS)}")
+    pos, neg = pos.double(), neg.double()
+    paired = neg[torch.arange(len(pos)) % len(neg)]
+    mean_diff = pos.mean(0) - neg.mean(0)
+    if method == "mean_diff":
+        d = mean_diff
+    elif method == "caa":
+        d = (pos - paired).mean(0)
+    elif method == "pca":
+        diffs = pos - paired
+        d = torch.linalg.svd(diffs, full_matrices=False).Vh[0]
+        d = d if float(d @ diffs.mean(0)) >= 0 else -d
+    else:
+        from sklearn.linear_model import LogisticRegression
+
+        x = torch.cat([pos, neg])
+        mu, sd = x.mean(0), x.std(0) + 1e-6
+        y = [1] * len(pos) + [0] * len(neg)
+        clf = LogisticRegression(C=1.0, max_iter=2000, class_weight="balanced")  # lbfgs from zeros: deterministic
+        clf.fit(((x - mu) / sd).numpy(), y)
+        d = torch.as_tensor(clf.coef_[0], dtype=torch.float64) / sd
+    if float(d.norm()) == 0.0 or not bool(torch.isfinite(d).all()):
+        raise ValidationError(f"the examples give no {method} direction (identical sides?); use different examples")
+    return (d / d.norm()).float()
+
+
 async def train_concept(model, label: str, positive, negative=None, layer: int | None = None,
-                        feature_id: str | None = None, index_in_sae: int = 0) -> Feature:
+                        feature_id: str | None = None, index_in_sae: int = 0, method: str = "mean_diff") -> Feature:
     """A concept feature from contrastive examples (texts or conversations).
 
     Without ``negative``, the contrast is the library's neutral sentences plus every library
-    concept's examples: what the new concept has that ordinary and other styled replies lack.
+    concept's examples: what the new concept has that ordinary and other styled replies lack
+    (the paired methods, ``caa`` and ``pca``, pair the positives with the neutral sentences).
+    ``method`` fits the steering direction (see ``METHODS``); the layer is chosen as for
+    ``mean_diff`` and reading always uses the discriminant.
     """
+    if method not in METHODS:
+        raise ValidationError(f"method {method!r} is unknown; allowed: {list(METHODS)}")
     if not isinstance(label, str) or not label.strip():
         raise ValidationError(f"a concept needs a non-empty label, got {label!r}")
     if not positive:
@@ -218,14 +279,29 @@ async def train_concept(model, label: str, positive, negative=None, layer: int |
     layers = [model.check_layer(layer)] if layer is not None else candidate_layers(model)
     lsums, lcounts, lnorms, owner = await library_stats(model, layers)
     neutral = owner == -1
-    ps, pc, _ = await example_stats(model, list(positive), layers, desc=f"concept {label[:30]!r}")
+    ps, pc, _, plast = await example_stats(model, list(positive), layers, desc=f"concept {label[:30]!r}", last=True)
     if negative:
-        ns, nc, _ = await example_stats(model, list(negative), layers)
+        ns, nc, _, nlast = await example_stats(model, list(negative), layers, last=True)
+        pair_sums, pair_counts, pair_last = ns, nc, nlast
     else:
         ns, nc = lsums, lcounts
+        pair_sums, pair_counts, pair_last = lsums[neutral], lcounts[neutral], None
     norms = [n for n in lnorms]
-    return _feature(model, label, feature_id or f"concept/{_slug(label)}", index_in_sae, layers, ps, pc, ns, nc,
-                    lsums[neutral], lcounts[neutral], norms)
+    feature = _feature(model, label, feature_id or f"concept/{_slug(label)}", index_in_sae, layers, ps, pc, ns, nc,
+                       lsums[neutral], lcounts[neutral], norms)
+    if method != "mean_diff":
+        j = layers.index(feature.layer)
+        if method == "caa":
+            if pair_last is None:  # the neutral sentences' last tokens are not in the library cache
+                texts = library_data()["neutral"][: len(positive)]
+                _, _, _, pair_last = await example_stats(model, texts, layers, last=True)
+            feature.direction = fit_steering_direction(method, plast[:, j], pair_last[:, j])
+        elif method == "pca":
+            feature.direction = fit_steering_direction(method, ps[:, j] / pc[:, None], pair_sums[:, j] / pair_counts[:, None])
+        else:
+            feature.direction = fit_steering_direction(method, ps[:, j] / pc[:, None], ns[:, j] / nc[:, None])
+        feature.method = method
+    return feature
 
 
 def _slug(text: str) -> str:
@@ -268,4 +344,5 @@ RECOMMENDED_STRENGTH = (0.3, 0.5)
 
 Measured on the default model: below 0.3 little changes; from about 0.6 replies turn to gibberish."""
 
-__all__ = ["concept_library", "train_concept", "candidate_layers", "fit_read_direction", "RECOMMENDED_STRENGTH"]
+__all__ = ["concept_library", "train_concept", "candidate_layers", "fit_read_direction", "fit_steering_direction",
+           "METHODS", "RECOMMENDED_STRENGTH"]

@@ -50,6 +50,7 @@ class Feature:
     # Concepts read with a direction of their own, as an SAE reads with W_enc and writes with W_dec:
     # steering adds ``direction`` (difference of means), activations project on ``encoder``.
     encoder: torch.Tensor | None = field(default=None, repr=False)
+    method: str = "mean_diff"      # concepts: how the steering direction was fitted (concepts.METHODS)
 
     def read_direction(self) -> torch.Tensor:
         """The unit direction activations project on: ``encoder`` if the feature has one, else ``direction``."""
@@ -219,14 +220,16 @@ class FeatureSet:
             raise ValidationError("this feature set is not attached to a model: set model.features = feature_set first")
         return self.model
 
-    async def add_concept(self, label: str, positive, negative=None, layer: int | None = None):
+    async def add_concept(self, label: str, positive, negative=None, layer: int | None = None, method: str = "mean_diff"):
         """Train a concept direction from contrastive examples and add it to the set.
+
+        ``method``: ``"mean_diff"`` (default), ``"caa"``, ``"pca"`` or ``"probe"`` (see ``concepts.METHODS``).
 
         >>> f = await model.features.add_concept("volcanoes", positive=["Lava poured down the volcano."])  # doctest: +SKIP
         """
         from .concepts import train_concept
 
-        feature = await train_concept(self._model(), label, positive, negative, layer,
+        feature = await train_concept(self._model(), label, positive, negative, layer, method=method,
                                       index_in_sae=max([f.index_in_sae for f in self._features], default=-1) + 1)
         if feature.id in self._by_id:
             feature.id = f"{feature.id}-{len(self)}"
@@ -313,7 +316,7 @@ class FeatureSet:
             if f.encoder is not None:
                 tensors[f"encoder.{i}"] = f.encoder.contiguous()
             meta.append({k: getattr(f, k) for k in ("id", "label", "layer", "index_in_sae", "scale", "dimension", "kind",
-                                                   "bias", "span", "sae", "max_activation")})
+                                                   "bias", "span", "sae", "max_activation", "method")})
         saes = {}
         for name, sae in self.saes.items():
             for t in ("W_enc", "b_enc", "W_dec", "b_dec", "threshold"):
