@@ -40,6 +40,8 @@ def test_notebook_runs(path, tmp_path):
     if path.name == "04_features.ipynb":
         assert (tmp_path / "figures" / "pirate_sweep.html").stat().st_size > 1_000_000
         assert "more in the jokes: ['concept/humor'" in text     # contrast finds humour in held-out jokes
+        assert "held-out harmonic mean: auto" in text and "BestSteering(layer=" in text
+        assert "mean: {'fixed_mean_diff'" in text  # the benchmark's method comparison is shown
     if path.name == "05_scale_out.ipynb":
         assert "steered requests" in text and "tok/s" in text
         assert "vllm backend: 16 steered requests" in text
