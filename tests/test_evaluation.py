@@ -198,7 +198,8 @@ async def test_the_auto_button_sets_the_dial_to_the_best_layer_and_strength(defa
         await dials.wait()
         got = dials.last_auto
         assert dials.error.value == "" and got is not None
-        assert got.hm == max(r.hm for r in got.table) and len(got.table) == 15  # 3 layers x 5 strengths
+        assert got.hm == max(r.hm for r in got.table) and len(got.table) == 30  # 3 layers x 5 strengths x 2 penalties
+        assert dials.repetition_penalty == got.repetition_penalty in (1.0, 1.3)
         [row] = dials.rows
         assert row.slider.value == got.strength and row.key == got.feature.id
         assert default_model.features[row.key].layer == got.layer  # a feature at the chosen layer is dialled

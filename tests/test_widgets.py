@@ -302,3 +302,17 @@ async def test_a_spec_added_in_code_gets_a_dial_that_scales_its_add_ops(default_
     assert replies == [ref.generated, ref.generated]
     dials.slider("spec/pirate by hand").value = 0.0          # off: no spec at all
     assert dials.variant.spec is None
+
+
+async def test_the_repetition_penalty_the_auto_button_found_reaches_the_chat(default_model):
+    """The Workbench hands the dials' chosen penalty to the chat, which sends it for both columns."""
+    bench = Workbench(default_model, plots=False)
+    bench.dials.repetition_penalty = 1.3               # what the auto button sets
+    assert bench.chat.repetition_penalty.value == 1.3
+    bench.chat.max_tokens.value = 24
+    bench.chat.send(TOKYO)
+    await bench.wait()
+    want = await default_model.chat([{"role": "user", "content": TOKYO}], temperature=0.0, max_tokens=24, seed=0,
+                                    repetition_penalty=1.3)
+    plain = await default_model.chat([{"role": "user", "content": TOKYO}], temperature=0.0, max_tokens=24, seed=0)
+    assert bench.chat.history["baseline"][-1]["content"] == want[0].generated != plain[0].generated

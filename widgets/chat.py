@@ -52,8 +52,11 @@ class ChatPanel(Panel):
         self.temperature = w.FloatSlider(value=0.0, min=0.0, max=2.0, step=0.05, description="temperature")
         self.max_tokens = w.IntSlider(value=max_tokens, min=1, max=1024, description="max tokens")
         self.seed = w.IntText(value=0, description="seed")
+        # steered text tends to loop; a repetition penalty (both columns, so they stay comparable) often rescues it
+        self.repetition_penalty = w.FloatSlider(value=1.0, min=1.0, max=2.0, step=0.05, description="rep. penalty")
         options = w.Accordion(children=[w.VBox([self.system, self.prefill, w.HBox([self.temperature, self.max_tokens]),
-                                                self.seed])], titles=("Options",), selected_index=None)
+                                                w.HBox([self.seed, self.repetition_penalty])])],
+                              titles=("Options",), selected_index=None)
         self.baseline_view = StreamText(kind="baseline", layout=w.Layout(width="100%"))
         self.steered_view = StreamText(kind="steered", layout=w.Layout(width="100%"))
         columns = w.HBox([
@@ -193,7 +196,8 @@ class ChatPanel(Panel):
         try:
             stream = self.client.chat.completions.create_stream(
                 model=name, messages=messages, interventions=ivs or None, steering=spec, temperature=self.temperature.value,
-                max_completion_tokens=self.max_tokens.value, seed=self.seed.value, continue_final_message=bool(prefill))
+                max_completion_tokens=self.max_tokens.value, seed=self.seed.value, continue_final_message=bool(prefill),
+                repetition_penalty=self.repetition_penalty.value)
             async for chunk in stream:
                 if chunk.choices and chunk.choices[0].finish_reason:
                     self.timing[column + "_finish"] = chunk.choices[0].finish_reason

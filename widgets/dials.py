@@ -92,6 +92,7 @@ class SteeringDials(Panel):
     """
 
     variant = traitlets.Instance(wb.Variant, allow_none=True)
+    repetition_penalty = traitlets.Float(1.0)  # the one the auto button found best (the Workbench's chat uses it)
 
     def __init__(self, source, model_name: str | None = None, **kwargs):
         self.enabled = w.Checkbox(value=True, description="steering on", indent=False)
@@ -126,7 +127,8 @@ class SteeringDials(Panel):
         """Ask the server for the feature's best layer and strength and set the dial to them; returns the task.
 
         The choice maximises the harmonic mean of concept, instruction and fluency on tuning prompts
-        (``wb.best_steering``). A layer other than the feature's own comes back as a feature registered
+        (``wb.best_steering``, with and without a repetition penalty: the chosen one is in
+        ``repetition_penalty``). A layer other than the feature's own comes back as a feature registered
         at that layer, which replaces the row. The scores of every tried setting are in ``last_auto``.
 
         >>> await dials.auto("concept/pirate")   # doctest: +SKIP
@@ -142,6 +144,7 @@ class SteeringDials(Panel):
             finally:
                 row.auto.disabled = False
             self.last_auto = got
+            self.repetition_penalty = got.repetition_penalty
             if got.feature.id != row.key:
                 position = self._rows.index(row)
                 new = _Row(got.feature, got.strength, row.mode.value, self._changed, self.remove, self.auto)
@@ -151,8 +154,8 @@ class SteeringDials(Panel):
             else:
                 row.slider.value = got.strength
                 self._changed()
-            self.summary.value += (f" · auto: layer {got.layer}, strength {got.strength:g} "
-                                   f"(score {got.hm:.2f} of 2)")
+            self.summary.value += (f" · auto: layer {got.layer}, strength {got.strength:g}, repetition penalty "
+                                   f"{got.repetition_penalty:g} (score {got.hm:.2f} of 2)")
             return got
 
         return self._spawn(run())

@@ -51,6 +51,7 @@ class Workbench(Panel):
         self.inspect.on_add(self.dials.add_feature)
         self.dials.observe(lambda ch: setattr(self.chat, "variant", ch["new"]), "variant")
         self.chat.variant = self.dials.variant
+        self.dials.observe(lambda ch: setattr(self.chat.repetition_penalty, "value", ch["new"]), "repetition_penalty")
         self.chat.observe(self._on_turn, "turns")
         self.chat.observe(self._on_busy, "busy")
         self._spawn(self._name_dials())

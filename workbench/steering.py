@@ -123,7 +123,7 @@ class AblationSpec:
         return AblationSpec(vector=self.vector.clone(), scale=self.scale)
 
 
-def _as_matrix(value, what: str, shape_hint: str) -> torch.Tensor:
+def _as_matrix(value, what: str) -> torch.Tensor:
     try:
         t = torch.as_tensor(value, dtype=torch.float32).detach().to("cpu")
     except Exception as exc:
@@ -151,14 +151,14 @@ class SAEClampSpec:
     apply_b_dec_to_input: bool = True
 
     def __post_init__(self):
-        self.encoder = _as_matrix(self.encoder, "SAEClampSpec.encoder", "[hidden, k]")
+        self.encoder = _as_matrix(self.encoder, "SAEClampSpec.encoder")
         k = self.encoder.shape[1] if self.encoder.dim() == 2 else -1
-        self.encoder_bias = _as_matrix(self.encoder_bias, "SAEClampSpec.encoder_bias", "[k]").reshape(-1)
-        self.decoder = _as_matrix(self.decoder, "SAEClampSpec.decoder", "[k, hidden]")
-        self.decoder_bias = _as_matrix(self.decoder_bias, "SAEClampSpec.decoder_bias", "[hidden]").reshape(-1)
-        self.values = _as_matrix(self.values, "SAEClampSpec.values", "[k]").reshape(-1)
+        self.encoder_bias = _as_matrix(self.encoder_bias, "SAEClampSpec.encoder_bias").reshape(-1)
+        self.decoder = _as_matrix(self.decoder, "SAEClampSpec.decoder")
+        self.decoder_bias = _as_matrix(self.decoder_bias, "SAEClampSpec.decoder_bias").reshape(-1)
+        self.values = _as_matrix(self.values, "SAEClampSpec.values").reshape(-1)
         if self.threshold is not None:
-            self.threshold = _as_matrix(self.threshold, "SAEClampSpec.threshold", "[k]").reshape(-1)
+            self.threshold = _as_matrix(self.threshold, "SAEClampSpec.threshold").reshape(-1)
         hidden = self.decoder_bias.numel()
         ok = (self.encoder.dim() == 2 and self.encoder.shape[0] == hidden and self.encoder_bias.numel() == k
               and tuple(self.decoder.shape) == (k, hidden) and self.values.numel() == k

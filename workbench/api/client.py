@@ -90,11 +90,12 @@ def _add_concept(label, positive, model, negative, layer, method):
                                                         "layer": layer, "method": method}
 
 
-def _best_steering(feature, model, prompts, layers, strengths, max_tokens):
+def _best_steering(feature, model, prompts, layers, strengths, repetition_penalties, max_tokens):
     name, _ = _model_and_interventions(model)
     fid = feature.get("id") if isinstance(feature, dict) else getattr(feature, "id", feature)
-    return "/v1/steering/best", s.BestSteeringResponse, {"model": name, "feature": fid, "prompts": prompts,
-                                                        "layers": layers, "strengths": strengths, "max_tokens": max_tokens}
+    return "/v1/steering/best", s.BestSteeringResponse, {
+        "model": name, "feature": fid, "prompts": prompts, "layers": layers, "strengths": strengths,
+        "repetition_penalties": None if repetition_penalties is None else list(repetition_penalties), "max_tokens": max_tokens}
 
 
 def _inspect(messages, model, interventions, aggregation_method, top_k, steering):
@@ -188,10 +189,10 @@ class _Features:
         """Train a concept (``method``: mean_diff, caa, pca, probe) and add it to the model's features."""
         return await self._call(_add_concept(label, positive, model, negative, layer, method))
 
-    async def best_steering(self, feature, model, prompts=None, layers=None, strengths=None,
+    async def best_steering(self, feature, model, prompts=None, layers=None, strengths=None, repetition_penalties=None,
                             max_tokens: int = 48) -> s.BestSteeringResponse:
-        """The layer and strength of ``feature`` that score best (``wb.best_steering`` on the server; ~1 min)."""
-        return await self._call(_best_steering(feature, model, prompts, layers, strengths, max_tokens))
+        """The layer, strength and repetition penalty of ``feature`` that score best (``wb.best_steering`` on the server)."""
+        return await self._call(_best_steering(feature, model, prompts, layers, strengths, repetition_penalties, max_tokens))
 
     async def inspect(self, messages, model, interventions=None, aggregation_method: str = "mean",
                       top_k: int = 10, steering=None) -> s.FeatureInspectionResponse:
@@ -366,10 +367,10 @@ class _SyncFeatures:
         """Train a concept (``method``: mean_diff, caa, pca, probe) and add it to the model's features."""
         return self._call(_add_concept(label, positive, model, negative, layer, method))
 
-    def best_steering(self, feature, model, prompts=None, layers=None, strengths=None,
+    def best_steering(self, feature, model, prompts=None, layers=None, strengths=None, repetition_penalties=None,
                       max_tokens: int = 48) -> s.BestSteeringResponse:
-        """The layer and strength of ``feature`` that score best (``wb.best_steering`` on the server; ~1 min)."""
-        return self._call(_best_steering(feature, model, prompts, layers, strengths, max_tokens))
+        """The layer, strength and repetition penalty of ``feature`` that score best (``wb.best_steering`` on the server)."""
+        return self._call(_best_steering(feature, model, prompts, layers, strengths, repetition_penalties, max_tokens))
 
     def inspect(self, messages, model, interventions=None, aggregation_method: str = "mean",
                 top_k: int = 10, steering=None) -> s.FeatureInspectionResponse:

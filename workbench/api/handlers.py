@@ -154,16 +154,17 @@ class Service:
         fs = self.model.features
         feature = fs.get(req.feature)
         best = await best_steering(self.model, feature, req.prompts, layers=req.layers, strengths=req.strengths,
-                                   sampling=SamplingParams(temperature=0.0, max_tokens=req.max_tokens))
+                                   sampling=SamplingParams(temperature=0.0, max_tokens=req.max_tokens),
+                                   repetition_penalties=req.repetition_penalties)
         dial = feature
         if best.layer != feature.layer:  # dials steer a feature at its own layer: register it at the chosen one
             fid = f"{feature.id}@L{best.layer}"
             dial = fs.get(fid) if fid in {f.id for f in fs} else await fs.add_vector(
                 f"{feature.label} (layer {best.layer})", feature.direction, best.layer, feature_id=fid)
-        rows = [s.SteeringScoreRow(**{k: float(r[k]) for k in ("strength", "concept", "instruction", "fluency", "hm")},
-                                   layer=int(r["layer"])) for r in best.table.to_dict("records")]
-        return s.BestSteeringResponse(layer=best.layer, strength=best.strength, hm=best.hm, feature=self._item(dial),
-                                      table=rows)
+        keys = ("strength", "repetition_penalty", "concept", "instruction", "fluency", "hm")
+        rows = [s.SteeringScoreRow(**{k: float(r[k]) for k in keys}, layer=int(r["layer"])) for r in best.table.to_dict("records")]
+        return s.BestSteeringResponse(layer=best.layer, strength=best.strength, repetition_penalty=best.repetition_penalty,
+                                      hm=best.hm, feature=self._item(dial), table=rows)
 
     async def _tokens(self, messages) -> int:
         from ..features.inspection import _render

@@ -272,12 +272,14 @@ class BestSteeringRequest(_Body):
     prompts: Optional[list[str]] = Field(None, min_length=1)
     layers: Optional[list[int]] = Field(None, min_length=1)
     strengths: Optional[list[float]] = Field(None, min_length=1)
+    repetition_penalties: list[float] = Field([1.0, 1.3], min_length=1)  # tried too: steered text loops
     max_tokens: int = Field(48, ge=1, le=256)
 
 
 class SteeringScoreRow(_Body):
     layer: int
     strength: float
+    repetition_penalty: float = 1.0
     concept: float
     instruction: float
     fluency: float
@@ -287,6 +289,7 @@ class SteeringScoreRow(_Body):
 class BestSteeringResponse(_Body):
     layer: int
     strength: float
+    repetition_penalty: float
     hm: float
     feature: FeatureItem  # the feature to dial: the given one, or one registered at the chosen layer
     table: list[SteeringScoreRow]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import math
 import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -552,9 +551,3 @@ class SteerModel:
         finally:
             await self.pop_steering_spec()
 
-
-def median_token_norm(hidden: torch.Tensor, skip_first: int = 1) -> float:
-    """Median per-token L2 norm, leaving out the first token(s) (they carry massive outliers)."""
-    rows = hidden[skip_first:] if hidden.shape[0] > skip_first else hidden
-    value = float(rows.float().norm(dim=-1).median())
-    return value if math.isfinite(value) else 0.0

@@ -370,19 +370,3 @@ class FeatureSet:
                            layer=sae.layer, index_in_sae=i, direction=sae.W_dec[i] / n, scale=mx * n, kind="sae",
                            sae=sae.name, max_activation=mx, dimension=sae.d_sae))
         return fs
-
-    def calibrate_sae(self, hidden_by_layer: dict) -> None:
-        """Set SAE features' typical max activation from residuals of neutral text (99th percentile)."""
-        for name, sae in self.saes.items():
-            if sae.layer not in hidden_by_layer:
-                continue
-            acts = sae.encode(hidden_by_layer[sae.layer].float())
-            typical = torch.quantile(acts, 0.99, dim=0) if acts.shape[0] > 1 else acts[0]
-            fallback = float(typical[typical > 0].median()) if bool((typical > 0).any()) else 1.0
-            norms = sae.W_dec.norm(dim=-1)
-            for f in self._features:
-                if f.sae == name:
-                    mx = float(typical[f.index_in_sae]) or fallback
-                    f.max_activation, f.scale = mx, mx * float(norms[f.index_in_sae] or 1.0)
-
-
