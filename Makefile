@@ -67,6 +67,7 @@ bench: $(VENV)/.vllm-stamp
 	$(PY) benchmarks/hf_throughput.py
 	$(PY) benchmarks/features_bench.py
 	$(PY) benchmarks/concept_readout.py
+	$(PY) benchmarks/steering_eval.py
 	$(PY) benchmarks/api_overhead.py
 	$(PY) benchmarks/widgets_bench.py
 	$(PY) benchmarks/load_test.py --seconds 120 --clients 32
