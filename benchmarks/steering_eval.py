@@ -2,6 +2,7 @@
 
     python benchmarks/steering_eval.py                  # 6 library concepts (~30 min on 2 idle CPU cores)
     python benchmarks/steering_eval.py --concepts pirate,french --quick
+    python benchmarks/steering_eval.py --concepts all    # all 48 library concepts (hours here)
 
 For each concept (its library examples as positives; the neutral sentences and the other
 concepts' examples as negatives, pairs formed with the neutral sentences) and each method of
@@ -45,7 +46,8 @@ async def main(args):
     tuning = TUNING_PROMPTS[:3] if args.quick else TUNING_PROMPTS
     heldout = HELDOUT_PROMPTS[:3] if args.quick else HELDOUT_PROMPTS
     rows, t0 = [], time.perf_counter()
-    for cid in args.concepts.split(","):
+    ids = [c["id"] for c in data["concepts"]] if args.concepts == "all" else args.concepts.split(",")
+    for cid in ids:
         concept = next(c for c in data["concepts"] if c["id"] == cid)
         target = Concept(concept["label"], list(concept["positive"]))
         negative = list(data["neutral"]) + [t for c in data["concepts"] if c["id"] != cid for t in c["positive"]]
