@@ -358,8 +358,7 @@ async def evaluate_steering(model, steering, prompts=None, *, concept=None, laye
     flat_prompts = [p for _ in cells for p in prompts]
     flat_replies = [r.generated for rs in replies for r in rs]
     scores = await judge.judge(model, concept, flat_prompts, flat_replies, baselines)
-    for k, ((layer, strength, _), p, r, sc) in enumerate(zip([c for c in cells for _ in prompts], flat_prompts,
-                                                               flat_replies, scores)):
+    for (layer, strength, _), p, r, sc in zip([c for c in cells for _ in prompts], flat_prompts, flat_replies, scores):
         rows.append({"prompt": p, "layer": layer, "strength": strength, "reply": r, **{s: sc[s] for s in SCORES},
                      "hm": harmonic_mean(*(sc[s] for s in SCORES)), "nll": sc.get("nll", float("nan")),
                      "distinct_1": distinct_n(r, 1), "distinct_2": distinct_n(r, 2), "distinct_3": distinct_n(r, 3)})
