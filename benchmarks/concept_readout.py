@@ -42,8 +42,8 @@ async def main():
             feats = []
             for c in range(n_concepts):
                 mine, rest = (owner == c) & train, (owner != c) & train
-                feats.append(C._feature(model, "", f"c{c}", c, layers, sums[mine], counts[mine], sums[rest], counts[rest],
-                                        sums[neutral], counts[neutral], norms, shrinkage=shrinkage))
+                feats.append(C.concept_feature(model, "", f"c{c}", c, layers, sums[mine], counts[mine], sums[rest], counts[rest],
+                                               sums[neutral], counts[neutral], norms, shrinkage=shrinkage))
             held = ((~train) & (owner >= 0)).nonzero().flatten()
             # activations are linear in h: the mean over a text's tokens is the activation of its mean residual
             acts = FeatureSet(feats).activations_from_hidden({l: means[held, j] for j, l in enumerate(layers)})

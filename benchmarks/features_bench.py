@@ -23,7 +23,7 @@ import torch
 
 async def main():
     import workbench as wb
-    from workbench.features.concepts import concept_library
+    from workbench.features.library import concept_library
     from workbench.features.search import LabelIndex, embed, embedder
 
     model = wb.load("default")

@@ -40,7 +40,7 @@ async def main(args):
     from workbench.features.concepts import METHODS, library_data
 
     model = wb.load("default", backend=args.backend)
-    fs = model.features
+    fs = await model.load_features()
     data = library_data()
     judge = OfflineJudge()
     tuning = TUNING_PROMPTS[:3] if args.quick else TUNING_PROMPTS

@@ -75,7 +75,7 @@ async def traffic(model) -> dict:
 
 async def main() -> None:
     model = wb.load("default")
-    model.features  # trained once and cached
+    await model.load_features()  # trained once and cached
     lat = await slider_latency(model)
     print(f"slider -> first steered token (kernel): median {1000 * statistics.median(lat):.0f} ms "
           f"(min {1000 * min(lat):.0f}, max {1000 * max(lat):.0f}, n={len(lat)}; goal <= 300 ms)")

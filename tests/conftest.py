@@ -66,6 +66,7 @@ def tiny(tiny_dir):
 @pytest.fixture(scope="session")
 def default_model():
     model = wb.load("default")
+    model.features   # no event loop runs here: loads the concept library, so async tests can read model.features
     yield model
     model.close()
     gc.collect()
@@ -111,7 +112,7 @@ def any_model(request):
 def reference_hidden(model, token_ids, layers, steering=None):
     """The model's own residual stream at the output of each block in ``layers``, from a plain forward.
 
-    Steering, if given, is applied by plain forward hooks written here from the DESIGN.md formulas
+    Steering, if given, is applied by plain forward hooks written here from the docs/DESIGN.md formulas
     (not by the engine). Returns ``{layer: [tokens, hidden]}`` and ``output_hidden_states``.
     """
     hf = model.hf_model

@@ -7,7 +7,8 @@ import pytest
 
 import workbench as wb
 from workbench._sync import run
-from workbench.features.concepts import RECOMMENDED_STRENGTH, concept_library
+from workbench.features.concepts import RECOMMENDED_STRENGTH
+from workbench.features.library import concept_library
 
 TOKYO = [{"role": "user", "content": "Give me tourist information about Tokyo."}]
 PIRATE_WORDS = re.compile(r"\b(arr+|matey|mateys|ahoy|ye|yer|treasure|ship|ships|sea|seas|sail|sailing|pirate|pirates|"

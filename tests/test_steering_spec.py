@@ -1,4 +1,4 @@
-"""Spec types, the steering math against the DESIGN.md formulas, and spec files (no model needed)."""
+"""Spec types, the steering math against the docs/DESIGN.md formulas, and spec files (no model needed)."""
 
 import math
 

@@ -11,7 +11,7 @@ import workbench as wb
 
 from ._tasks import Panel
 
-# DESIGN.md's strength units: 1.0 = a typical residual norm at the feature's layer; the default
+# docs/DESIGN.md's strength units: 1.0 = a typical residual norm at the feature's layer; the default
 # model steers visibly at 0.3-0.5 and turns to gibberish near 1.0.
 STRENGTH_RANGE = (-1.0, 1.0)
 DEFAULT_STRENGTH = 0.4

@@ -28,8 +28,6 @@ class Workbench(Panel):
     """
 
     def __init__(self, source, plots: bool = True, **kwargs):
-        if isinstance(source, wb.SteerModel):
-            source.features  # the concept library trains on first use (a progress bar shows), then loads in ms
         session = Session.of(source)
         self.picker = FeaturePicker(session)
         self.dials = SteeringDials(session)
@@ -55,6 +53,7 @@ class Workbench(Panel):
         self.chat.observe(self._on_turn, "turns")
         self.chat.observe(self._on_busy, "busy")
         self._spawn(self._name_dials())
+        self._spawn(self._load_features())
 
     @property
     def panels(self) -> list[Panel]:
@@ -62,6 +61,16 @@ class Workbench(Panel):
 
     async def _name_dials(self) -> None:
         self.dials.set_model_name(await self.session.model_name())
+
+    async def _load_features(self) -> None:
+        """Warm the feature set: the concept library trains once (a progress bar shows), then loads in ms."""
+        loading = "<i>loading the features…</i>"
+        self.status.value = loading
+        try:
+            await self.client.features.load(model=await self.session.model_name())
+        finally:   # an error shows in the panel
+            if self.status.value == loading:
+                self.status.value = ""
 
     def _on_turn(self, change) -> None:
         if self._plots and self.chat.history["baseline"] and not self.chat.busy:

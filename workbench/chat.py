@@ -48,12 +48,15 @@ class ChatResponse(str):
     generated: str
     token_ids: list
     finish_reason: str | None
+    projections: object  # monitor.Projections when the chat was monitored (or its spec conditional)
 
-    def __new__(cls, prefill: str = "", generated: str = "", token_ids=None, finish_reason: str | None = None):
+    def __new__(cls, prefill: str = "", generated: str = "", token_ids=None, finish_reason: str | None = None,
+                projections=None):
         self = super().__new__(cls, prefill + generated)
         self.prefill, self.generated = prefill, generated
         self.token_ids = list(token_ids or [])
         self.finish_reason = finish_reason
+        self.projections = projections
         return self
 
     @property
@@ -72,7 +75,7 @@ class ChatResponse(str):
                 f"token_ids=<{len(self.token_ids)} tokens>, finish_reason={self.finish_reason!r})")
 
     def __reduce__(self):  # str subclasses pickle by value only; keep the parts
-        return (ChatResponse, (self.prefill, self.generated, self.token_ids, self.finish_reason))
+        return (ChatResponse, (self.prefill, self.generated, self.token_ids, self.finish_reason, self.projections))
 
 
 @dataclass
@@ -82,6 +85,8 @@ class StreamChunk:
     text: str
     token_ids: list = field(default_factory=list)
     finish_reason: str | None = None
+    projections: object = None     # monitor.ProjectionDelta (monitored streams): values computed since the last chunk
+    monitor_header: dict | None = None  # first chunk of a monitored stream: probe names, layers, prompt tokens
 
 
 def normalize_conversations(messages_or_conversations) -> tuple[list[list[dict]], bool]:

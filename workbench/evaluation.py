@@ -142,12 +142,12 @@ class OfflineJudge:
 
     async def _nll(self, model, prompts: list[str], replies: list[str]) -> list[float]:
         """Mean per-token negative log-likelihood of each reply after its prompt, under the unsteered model."""
-        from .features.concepts import _example_tokens
+        from .features.concepts import example_tokens
         from .lens import Unembedding
         from .steering import SteeringSpec
 
         lens, last = Unembedding.of(model), model.layer_count - 1
-        items = [_example_tokens(model, [{"role": "user", "content": p}, {"role": "assistant", "content": r}])
+        items = [example_tokens(model, [{"role": "user", "content": p}, {"role": "assistant", "content": r}])
                  for p, r in zip(prompts, replies)]
         outs = await model.encode([ids for ids, _, _ in items], [last], steering=SteeringSpec())
         nll = []
@@ -329,7 +329,7 @@ async def evaluate_steering(model, steering, prompts=None, *, concept=None, laye
     """Score steered replies: one row per prompt x layer x strength (concept, instruction, fluency, hm in [0, 2]).
 
     ``steering`` is a Feature (or feature id, or raw vector: then ``layers`` x ``strengths`` in
-    DESIGN.md's units, default the feature's layer at 0.4), a ready ``SteeringSpec`` / ``Variant``,
+    docs/DESIGN.md's units, default the feature's layer at 0.4), a ready ``SteeringSpec`` / ``Variant``,
     or None (no steering). ``concept`` is what the judge looks for (default: the feature). Replies
     are greedy, 48 tokens, unless ``sampling`` says otherwise. ``prompt_suffix`` is appended to each
     prompt for generation only (prompting the concept, e.g. " Answer like a pirate."); the judge
@@ -342,7 +342,7 @@ async def evaluate_steering(model, steering, prompts=None, *, concept=None, laye
         raise ValidationError("prompts must be a non-empty list of non-empty strings")
     sampling = SamplingParams.from_any(sampling) if sampling is not None else DEFAULT_SAMPLING
     if isinstance(steering, (str, int)) and not isinstance(steering, bool):
-        steering = model.features.get(steering)
+        steering = (await model.load_features()).get(steering)
     cells, feat = _cells(model, steering, layers, strengths)
     if concept is None:
         if feat is None:
@@ -411,7 +411,7 @@ async def best_steering(model, feature, prompts=None, *, layers=None, strengths=
     >>> best.layer, best.strength                                   # doctest: +SKIP
     """
     if isinstance(feature, (str, int)) and not isinstance(feature, bool):
-        feature = model.features.get(feature)
+        feature = (await model.load_features()).get(feature)
     grid_layers, grid_strengths = default_grid(model, feature)
     base = SamplingParams.from_any(sampling) if sampling is not None else DEFAULT_SAMPLING
     frames = []

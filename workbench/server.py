@@ -13,6 +13,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+from contextlib import asynccontextmanager
 
 import pydantic
 from fastapi import FastAPI, Request
@@ -64,13 +65,26 @@ def _openapi(app: FastAPI) -> dict:
 
 
 def create_app(model, aliases=(), api_key: str | None = None, max_body_bytes: int = MAX_BODY_BYTES,
-               max_tokens_limit: int | None = None):
+               max_tokens_limit: int | None = None, load_features: bool = True):
     """The ASGI app serving ``model``; ``max_tokens_limit`` caps the tokens one request may ask for.
+
+    With ``load_features`` the model's feature set (the concept library) loads at start-up, before
+    the server accepts requests; otherwise the first request that needs it loads it (off the loop).
 
     >>> app = create_app(wb.load("default"), aliases=["meta-llama/Llama-3.1-8B-Instruct"])  # doctest: +SKIP
     """
     service = Service(model, aliases, max_tokens_limit=max_tokens_limit)
-    app = FastAPI(title="steering-workbench", version="0.1.0")
+
+    @asynccontextmanager
+    async def lifespan(app):
+        if load_features:   # a worker thread trains or loads the library; uvicorn listens after this
+            try:
+                await service.features()
+            except Exception:   # chat still works; feature routes retry the load and report its error
+                log.exception("could not load the feature set of %s at start-up", service.names[0])
+        yield
+
+    app = FastAPI(title="steering-workbench", version="0.1.0", lifespan=lifespan)
     app.openapi = lambda: _openapi(app)
     app.state.service = service
     app.state.stats = {"streams_started": 0, "streams_finished": 0, "streams_aborted": 0}
@@ -115,7 +129,7 @@ def create_app(model, aliases=(), api_key: str | None = None, max_body_bytes: in
                     # refuse what would fail before the first event: a stream's status is sent with it
                     service.check_model(req.model)
                     service._sampling(req)
-                    service._spec(req)
+                    await service._spec(req)
                     return StreamingResponse(sse(req), media_type="text/event-stream")
                 return JSONResponse(json.loads((await getattr(service, method)(req)).model_dump_json()))
             except _Refused as exc:

@@ -1,7 +1,7 @@
 """Steering specs (add / projection cap / ablation), their math, and their files.
 
 Layer ``L`` is the residual stream at the output of decoder block ``L``; ops of a layer are
-applied in list order to every token of a request (see DESIGN.md).
+applied in list order to every token of a request (see docs/DESIGN.md).
 
 >>> import torch, workbench as wb
 >>> spec = wb.SteeringSpec(layers={6: wb.LayerSteeringSpec(operations=[wb.AddSpec(torch.ones(576), scale=2.0)])})
@@ -274,8 +274,17 @@ class SteeringSpec:
     """Steering for a whole model: ``{layer: LayerSteeringSpec}``; an empty spec means no steering."""
 
     layers: dict = field(default_factory=dict)
+    # steer only when a probe crosses a threshold (``workbench.monitor.Condition``); None: always
+    condition: object = None
 
     def __post_init__(self):
+        if self.condition is not None:
+            from .monitor import Condition
+
+            if isinstance(self.condition, dict):
+                self.condition = Condition.from_dict(self.condition)
+            if not isinstance(self.condition, Condition):
+                raise ValidationError(f"condition must be a wb.Condition, got {type(self.condition).__name__}")
         layers = {}
         for key, value in dict(self.layers or {}).items():
             if isinstance(key, bool) or not isinstance(key, (int,)) and not (isinstance(key, str) and key.lstrip("-").isdigit()):
@@ -296,7 +305,8 @@ class SteeringSpec:
 
     def copy(self) -> "SteeringSpec":
         """A copy whose layer and op lists can be changed without touching this one (vectors shared)."""
-        return SteeringSpec(layers={k: LayerSteeringSpec(operations=list(v.operations)) for k, v in self.layers.items()})
+        return SteeringSpec(layers={k: LayerSteeringSpec(operations=list(v.operations)) for k, v in self.layers.items()},
+                            condition=self.condition)
 
     clone = copy  # chatspace's name
 
@@ -311,6 +321,13 @@ class SteeringSpec:
                         f"layer {layer} operations[{i}] ({type(op).__name__}): vector has size "
                         f"{op.vector.numel()}, the model's hidden size is {hidden_size}"
                     )
+        if self.condition is not None:
+            probe = self.condition.probe
+            if not 0 <= probe.layer < layer_count:
+                raise LayerOutOfRangeError(f"condition probe layer {probe.layer} is out of range; allowed 0..{layer_count - 1}")
+            if probe.vector.numel() != hidden_size:
+                raise VectorError(f"condition probe {probe.name!r}: vector has size {probe.vector.numel()}, "
+                                  f"the model's hidden size is {hidden_size}")
         return self
 
     def fingerprint(self) -> str:
@@ -323,6 +340,9 @@ class SteeringSpec:
                 for name, tensor in sorted(_op_tensors(op).items()):
                     h.update(name.encode())
                     h.update(tensor.numpy().tobytes())
+        if self.condition is not None and not self.is_empty():
+            h.update(json.dumps(self.condition.meta(), sort_keys=True).encode())
+            h.update(self.condition.probe.vector.numpy().tobytes())
         return h.hexdigest()[:32]
 
     # -- (de)serialisation -----------------------------------------------------------------------
@@ -333,7 +353,8 @@ class SteeringSpec:
                 str(layer): [dict(_op_meta(op), **{k: t.tolist() for k, t in _op_tensors(op).items()})
                              for op in self.layers[layer].operations]
                 for layer in sorted(self.layers)
-            }
+            },
+            **({"condition": self.condition.to_dict()} if self.condition is not None else {}),
         }
 
     @classmethod
@@ -343,7 +364,7 @@ class SteeringSpec:
         layers = {}
         for layer, ops in data.get("layers", {}).items():
             layers[int(layer)] = LayerSteeringSpec(operations=[_op_from_meta(op, op) for op in ops])
-        return cls(layers=layers)
+        return cls(layers=layers, condition=data.get("condition"))
 
     def save(self, path) -> Path:
         """Write the spec to one ``.safetensors`` file (vectors as tensors, ops as JSON metadata).
@@ -361,8 +382,12 @@ class SteeringSpec:
                     tensors[f"layer{layer}.op{i}.{name}"] = tensor.contiguous()
                 metas.append(_op_meta(op))
             ops_meta[str(layer)] = metas
+        meta = {"version": 1, "layers": ops_meta}
+        if self.condition is not None:
+            meta["condition"] = self.condition.meta()
+            tensors["condition.vector"] = self.condition.probe.vector.contiguous()
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(path), metadata={"workbench_steering_spec": json.dumps({"version": 1, "layers": ops_meta})})
+        save_file(tensors, str(path), metadata={"workbench_steering_spec": json.dumps(meta)})
         return path
 
     @classmethod
@@ -381,9 +406,12 @@ class SteeringSpec:
                     layers[int(layer)] = LayerSteeringSpec(
                         operations=[_op_from_meta(m, _TensorGetter(f, f"layer{layer}.op{i}.")) for i, m in enumerate(metas)]
                     )
+                condition = meta.get("condition")
+                if condition is not None:
+                    condition["probe"]["vector"] = f.get_tensor("condition.vector")
         except (KeyError, json.JSONDecodeError, OSError) as exc:
             raise ValidationError(f"{str(path)!r} is not a workbench steering spec file ({exc})") from exc
-        return cls(layers=layers)
+        return cls(layers=layers, condition=condition)
 
 
 def _op_meta(op) -> dict:
@@ -431,7 +459,7 @@ def _op_from_meta(meta: dict, tensors) -> SteeringOp:
 
 
 def apply_ops(h: torch.Tensor, ops: Iterable[SteeringOp]) -> torch.Tensor:
-    """Apply ops in order to ``h`` ([..., hidden]); the reference math of DESIGN.md."""
+    """Apply ops in order to ``h`` ([..., hidden]); the reference math of docs/DESIGN.md."""
     for op in ops:
         h = op.apply(h)
     return h
@@ -444,12 +472,18 @@ _CANONICAL = (AddSpec, ProjectionCapSpec, AblationSpec)
 def merge_specs(*specs: "SteeringSpec") -> "SteeringSpec":
     """One spec applying each given spec's ops in turn at every layer (in argument order)."""
     layers: dict[int, list] = {}
+    conditions = []
     for spec in specs:
         if spec is None:
             continue
         for layer in sorted(spec.layers):
             layers.setdefault(layer, []).extend(spec.layers[layer].operations)
-    return SteeringSpec(layers={layer: LayerSteeringSpec(operations=ops) for layer, ops in layers.items()})
+        if spec.condition is not None and all(spec.condition != c for c in conditions):
+            conditions.append(spec.condition)
+    if len(conditions) > 1:  # one request has one decision per token: the specs cannot both hold
+        raise ValidationError("cannot merge steering specs with different conditions")
+    return SteeringSpec(layers={layer: LayerSteeringSpec(operations=ops) for layer, ops in layers.items()},
+                        condition=conditions[0] if conditions else None)
 
 
 def _replace_kind(operations: list, kind: type, op: SteeringOp | None) -> list:

@@ -3,7 +3,7 @@
 Per cell: a greedy text sample, the feature's own activation on that sample (read unsteered, as
 ``inspect`` reads it), an optional score of your own (e.g. a word count), and the mean KL
 divergence of next-token distributions on held-out text against the unsteered model. Strength is
-in DESIGN.md's units at every layer: ``s`` adds ``s x`` the median residual norm *of that layer*.
+in docs/DESIGN.md's units at every layer: ``s`` adds ``s x`` the median residual norm *of that layer*.
 
 >>> df = await wb.strength_sweep(model, model.features["concept/pirate"], layers=[4, 7, 10],
 ...                              strengths=[0, 0.2, 0.4, 0.6])                      # doctest: +SKIP
@@ -67,6 +67,8 @@ async def strength_sweep(model, feature, layers=None, strengths=(0.0, 0.15, 0.3,
     """
     from .features.concepts import library_data
 
+    if isinstance(feature, (str, int)) or hasattr(feature, "direction"):
+        await model.load_features()   # looked up in, and its activation read through, model.features
     u, feat = _direction(model, feature)
     if layers is None:
         layers = sorted({max(0, feat.layer - 3), feat.layer, min(model.layer_count - 1, feat.layer + 3)}) if feat else [

@@ -90,6 +90,20 @@ def _add_concept(label, positive, model, negative, layer, method):
                                                         "layer": layer, "method": method}
 
 
+def _load_features(model):
+    name, _ = _model_and_interventions(model)
+    return "/v1/features/load", s.FeatureSetResponse, {"model": name}
+
+
+def _feature_page(feature, model, corpus, top_n, window, bins, include_library):
+    name, _ = _model_and_interventions(model)
+    fid = feature.get("id") if isinstance(feature, dict) else getattr(feature, "id", feature)
+    texts = None if corpus is None else [corpus] if isinstance(corpus, str) else list(corpus)
+    return "/v1/features/page", s.FeaturePageResponse, {
+        "model": name, "feature": fid, "corpus": texts, "top_n": top_n, "window": window, "bins": bins,
+        "include_library": include_library}
+
+
 def _best_steering(feature, model, prompts, layers, strengths, repetition_penalties, max_tokens):
     name, _ = _model_and_interventions(model)
     fid = feature.get("id") if isinstance(feature, dict) else getattr(feature, "id", feature)
@@ -188,6 +202,20 @@ class _Features:
                           method: str = "mean_diff") -> s.ConceptResponse:
         """Train a concept (``method``: mean_diff, caa, pca, probe) and add it to the model's features."""
         return await self._call(_add_concept(label, positive, model, negative, layer, method))
+
+    async def load(self, model) -> s.FeatureSetResponse:
+        """Load the model's feature set (the concept library trains once, then loads from cache) and describe it."""
+        return await self._call(_load_features(model))
+
+    async def page(self, feature, model, corpus=None, top_n: int = 10, window: int = 12, bins: int = 30,
+                   include_library: bool = True) -> s.FeaturePageResponse:
+        """A feature's page: top contexts, activation histogram, promoted / suppressed tokens.
+
+        The response displays as HTML in a notebook (``.to_html()``).
+
+        >>> await client.features.page("concept/pirate", model="default", corpus=["Arr, matey!"])  # doctest: +SKIP
+        """
+        return await self._call(_feature_page(feature, model, corpus, top_n, window, bins, include_library))
 
     async def best_steering(self, feature, model, prompts=None, layers=None, strengths=None, repetition_penalties=None,
                             max_tokens: int = 48) -> s.BestSteeringResponse:
@@ -366,6 +394,15 @@ class _SyncFeatures:
                     method: str = "mean_diff") -> s.ConceptResponse:
         """Train a concept (``method``: mean_diff, caa, pca, probe) and add it to the model's features."""
         return self._call(_add_concept(label, positive, model, negative, layer, method))
+
+    def load(self, model) -> s.FeatureSetResponse:
+        """Load the model's feature set (the concept library trains once, then loads from cache) and describe it."""
+        return self._call(_load_features(model))
+
+    def page(self, feature, model, corpus=None, top_n: int = 10, window: int = 12, bins: int = 30,
+             include_library: bool = True) -> s.FeaturePageResponse:
+        """A feature's page (top contexts, histogram, promoted tokens): ``client.features.page("concept/pirate", model="default")``."""
+        return self._call(_feature_page(feature, model, corpus, top_n, window, bins, include_library))
 
     def best_steering(self, feature, model, prompts=None, layers=None, strengths=None, repetition_penalties=None,
                       max_tokens: int = 48) -> s.BestSteeringResponse:

@@ -6,6 +6,7 @@ yields chunk schemas. Bad input raises ``workbench`` errors, which transports tu
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 
@@ -34,17 +35,21 @@ class Service:
             raise ValidationError(f"unknown model {name!r}; this server serves {self.names}")
         return name
 
-    def steering(self, interventions, extra: dict | None = None) -> SteeringSpec:
+    async def features(self):
+        """The model's feature set, loaded in a worker thread on first use (the event loop keeps serving)."""
+        return await self.model.load_features()
+
+    async def steering(self, interventions, extra: dict | None = None) -> SteeringSpec:
         """The interventions compiled to a spec, followed at each layer by the ops of ``extra`` (a spec dict)."""
-        spec = compile_interventions(interventions, self.model.features) if interventions \
+        spec = compile_interventions(interventions, await self.features()) if interventions \
             else SteeringSpec()
         if extra:
             more = SteeringSpec.from_dict(extra).validate(self.model.hidden_size, self.model.layer_count)
             spec = merge_specs(spec, more)
         return spec
 
-    def _spec(self, req) -> SteeringSpec:
-        return self.steering(req.interventions, req.steering)
+    async def _spec(self, req) -> SteeringSpec:
+        return await self.steering(req.interventions, req.steering)
 
     @staticmethod
     def _messages(messages) -> list[dict]:
@@ -80,7 +85,7 @@ class Service:
     async def chat(self, req: s.ChatCompletionRequest) -> s.ChatCompletionResponse:
         name = self.check_model(req.model)
         messages = self._messages(req.messages)
-        [out] = await self.model.chat(messages, self._sampling(req), steering=self._spec(req),
+        [out] = await self.model.chat(messages, self._sampling(req), steering=await self._spec(req),
                                       chat_options=self._chat_options(req), raw_output=True)
         prompt = len(out.prompt_token_ids)
         completion = sum(len(c.token_ids) for c in out.outputs)  # OpenAI counts every choice's tokens
@@ -113,7 +118,7 @@ class Service:
         """Chunks: first the role, then text deltas, then one with the finish reason."""
         name = self.check_model(req.model)
         meta = self._meta("chatcmpl")
-        spec = self._spec(req)
+        spec = await self._spec(req)
         sampling = self._sampling(req)
         messages = self._messages(req.messages)
 
@@ -135,23 +140,42 @@ class Service:
 
     async def search(self, req: s.FeatureSearchRequest) -> s.FeatureSearchResponse:
         self.check_model(req.model_name)
-        return s.FeatureSearchResponse(data=[self._item(f) for f in self.model.features.search(req.query, req.top_k)])
+        fs = await self.features()
+        # a thread: the first search loads the sentence-embedding model, which must not stall other requests
+        found = await asyncio.to_thread(fs.search, req.query, req.top_k)
+        return s.FeatureSearchResponse(data=[self._item(f) for f in found])
 
     async def rerank(self, req: s.FeatureRerankRequest) -> s.FeatureRerankResponse:
         self.check_model(req.model_name)
-        ranked = self.model.features.rerank(req.query, [f.model_dump() for f in req.features], req.top_k)
+        fs = await self.features()
+        ranked = await asyncio.to_thread(fs.rerank, req.query, [f.model_dump() for f in req.features], req.top_k)
         return s.FeatureRerankResponse(data=[s.FeatureItem(**f.to_item()) for f in ranked])
 
     async def add_concept(self, req: s.ConceptRequest) -> s.ConceptResponse:
         self.check_model(req.model)
-        f = await self.model.features.add_concept(req.label, req.positive, req.negative, req.layer, method=req.method)
+        fs = await self.features()
+        f = await fs.add_concept(req.label, req.positive, req.negative, req.layer, method=req.method)
         return s.ConceptResponse(feature=self._item(f), method=f.method, scale=f.scale)
+
+    async def load_features(self, req: s.FeatureSetRequest) -> s.FeatureSetResponse:
+        name = self.check_model(req.model)
+        fs = await self.features()
+        return s.FeatureSetResponse(model=name, name=fs.name, count=len(fs), layers=fs.layers())
+
+    async def feature_page(self, req: s.FeaturePageRequest) -> s.FeaturePageResponse:
+        from ..features.pages import feature_page
+
+        name = self.check_model(req.model)
+        fs = await self.features()
+        page = await feature_page(self.model, fs.get(req.feature), req.corpus, top_n=req.top_n, window=req.window,
+                                  bins=req.bins, include_library=req.include_library, features=fs)
+        return s.FeaturePageResponse(**self._meta("page"), model=name, **page.to_dict())
 
     async def best_steering(self, req: s.BestSteeringRequest) -> s.BestSteeringResponse:
         from ..evaluation import best_steering
 
         self.check_model(req.model)
-        fs = self.model.features
+        fs = await self.features()
         feature = fs.get(req.feature)
         best = await best_steering(self.model, feature, req.prompts, layers=req.layers, strengths=req.strengths,
                                    sampling=SamplingParams(temperature=0.0, max_tokens=req.max_tokens),
@@ -174,8 +198,9 @@ class Service:
     async def inspect(self, req: s.FeatureInspectionRequest) -> s.FeatureInspectionResponse:
         name = self.check_model(req.model)
         msgs = self._messages(req.messages)
-        top = await self.model.features.inspect(msgs, top_k=req.top_k or 10, aggregation_method=req.aggregation_method or "mean",
-                                                interventions=self._spec(req))
+        fs = await self.features()
+        top = await fs.inspect(msgs, top_k=req.top_k or 10, aggregation_method=req.aggregation_method or "mean",
+                               interventions=await self._spec(req))
         return s.FeatureInspectionResponse(
             **self._meta("inspect"), model=name,
             features=[s.FeatureInspection(feature=self._item(f), activation=a) for f, a in top],
@@ -184,16 +209,18 @@ class Service:
     async def activations(self, req: s.ActivationsRequest) -> s.ActivationsResponse:
         name = self.check_model(req.model)
         msgs = self._messages(req.messages)
-        acts = await self.model.features.activations(msgs, aggregation_method=req.aggregation_method or "mean",
-                                                     interventions=self._spec(req))
+        fs = await self.features()
+        acts = await fs.activations(msgs, aggregation_method=req.aggregation_method or "mean",
+                                    interventions=await self._spec(req))
         return s.ActivationsResponse(**self._meta("activations"), model=name, activations=acts,
                                      usage=s.Usage(total_tokens=await self._tokens(msgs)))
 
     async def logits(self, req: s.LogitsRequest) -> s.LogitsResponse:
         name = self.check_model(req.model)
         msgs = self._messages(req.messages)
-        out = await self.model.features.logits(msgs, top_k=req.top_k, start_idx=req.start_idx, end_idx=req.end_idx,
-                                               interventions=self._spec(req))
+        fs = await self.features()
+        out = await fs.logits(msgs, top_k=req.top_k, start_idx=req.start_idx, end_idx=req.end_idx,
+                              interventions=await self._spec(req))
         return s.LogitsResponse(**self._meta("logits"), model=name, logits=out,
                                 usage=s.Usage(total_tokens=await self._tokens(msgs)))
 
@@ -201,9 +228,10 @@ class Service:
         name = self.check_model(req.model)
         d1 = [self._messages(c) for c in req.dataset_1]
         d2 = [self._messages(c) for c in req.dataset_2]
-        add, remove = await self.model.features.contrast(
+        fs = await self.features()
+        add, remove = await fs.contrast(
             d1, d2, k_to_add=req.k_to_add or 10, k_to_remove=req.k_to_remove or 10,
-            interventions_1=self.steering(req.interventions_1), interventions_2=self.steering(req.interventions_2))
+            interventions_1=await self.steering(req.interventions_1), interventions_2=await self.steering(req.interventions_2))
         total = sum([await self._tokens(c) for c in d1 + d2])
         return s.ContrastResponse(**self._meta("contrast"), model=name, top_to_add=[self._item(f) for f in add],
                                   top_to_remove=[self._item(f) for f in remove], usage=s.Usage(total_tokens=total))
@@ -211,7 +239,8 @@ class Service:
     async def token_activations(self, req: s.TokenActivationsRequest) -> s.TokenActivationsResponse:
         name = self.check_model(req.model)
         msgs = self._messages(req.messages)
-        table = await self.model.features.token_table(msgs, req.features, interventions=self._spec(req))
+        fs = await self.features()
+        table = await fs.token_table(msgs, req.features, interventions=await self._spec(req))
         return s.TokenActivationsResponse(
             **self._meta("tokens"), model=name, tokens=table["tokens"], message_idx=table["message_idx"],
             features=[self._item(f) for f in table["features"]], activations=table["activations"],
@@ -222,7 +251,7 @@ class Service:
         layers = req.layers if req.layers is not None else list(range(self.model.layer_count))
         msgs = self._messages(req.messages)
         _, [handle] = await self.model.chat(msgs, SamplingParams(temperature=0.0, max_tokens=1), capture_layers=layers,
-                                            steering=self._spec(req),
+                                            steering=await self._spec(req),
                                             chat_options={"add_generation_prompt": False})
         df = handle.norms()
         handle.close()

@@ -482,3 +482,77 @@ class ModelCard(_Body):
 class ModelList(_Body):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+class FeatureSetRequest(_Body):
+    """Load the model's feature set (the concept library: trained once, then read from cache) and describe it."""
+
+    model: str
+
+
+class FeatureSetResponse(_Body):
+    object: Literal["feature_set"] = "feature_set"
+    model: str
+    name: str
+    count: int
+    layers: list[int]
+
+
+class FeaturePageRequest(_Body):
+    """A feature's page: where it fires in the concept library's texts and in ``corpus`` (workbench extension)."""
+
+    model: str
+    feature: Union[str, int]                                   # a feature id or index_in_sae
+    corpus: Optional[list[str]] = Field(None, max_length=1024)
+    top_n: int = Field(10, ge=1, le=200)
+    window: int = Field(12, ge=0, le=256)
+    bins: int = Field(30, ge=1, le=500)
+    include_library: bool = True
+
+
+class FeatureContext(_Body):
+    """A text's most activating token and the tokens around it (``context_activations``: None = not scored)."""
+
+    text_index: int
+    source: Literal["library", "corpus"]
+    group: Optional[str] = None                                # library texts: "neutral" or a concept's feature id
+    position: int
+    token: str
+    activation: float
+    context_start: int
+    context_tokens: list[str]
+    context_activations: list[Optional[float]]
+
+
+class FeatureHistogram(_Body):
+    counts: list[int]
+    edges: list[float]
+
+
+class TokenScore(_Body):
+    token: str
+    token_id: int
+    score: float
+
+
+class FeaturePageResponse(_Body):
+    id: str
+    object: Literal["feature.page"] = "feature.page"
+    created: int
+    model: str
+    feature: FeatureItem
+    contexts: list[FeatureContext]
+    histogram: FeatureHistogram
+    promoted: list[TokenScore]
+    suppressed: list[TokenScore]
+    text_count: int
+    token_count: int
+
+    def to_html(self) -> str:
+        """The page as self-contained HTML (``workbench.features.pages.render_feature_page``)."""
+        from ..features.pages import render_feature_page
+
+        return render_feature_page(self)
+
+    def _repr_html_(self) -> str:
+        return self.to_html()

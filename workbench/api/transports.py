@@ -20,6 +20,8 @@ ROUTES = {
     "/v1/features/search": (s.FeatureSearchRequest, "search"),
     "/v1/features/rerank": (s.FeatureRerankRequest, "rerank"),
     "/v1/features/concepts": (s.ConceptRequest, "add_concept"),
+    "/v1/features/load": (s.FeatureSetRequest, "load_features"),
+    "/v1/features/page": (s.FeaturePageRequest, "feature_page"),
     "/v1/steering/best": (s.BestSteeringRequest, "best_steering"),
     "/v1/chat_attribution/inspect": (s.FeatureInspectionRequest, "inspect"),
     "/v1/chat_attribution/activations": (s.ActivationsRequest, "activations"),

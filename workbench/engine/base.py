@@ -19,7 +19,7 @@ from ..capture import CaptureHandle
 from ..chat import ChatResponse, StreamChunk, check_chat_options, normalize_conversations, render_chat
 from ..errors import (
     EmptyInputError, EngineError, LayerOutOfRangeError, PromptTooLongError, RequestFailedError, SteeringStackEmptyError,
-    ValidationError, WorkbenchError,
+    ValidationError, VectorError, WorkbenchError,
 )
 from ..outputs import CompletionOutput, RequestOutput, TokenText
 from ..sampling import SamplingParams
@@ -42,6 +42,18 @@ class Request:
     fingerprint: str = ""  # of the steering spec: keys prefix-cache entries
     encode_only: bool = False  # one forward over the prompt, no sampling (see SteerModel.encode)
     want_logits: bool = False  # report the next-token logits after the prompt
+    probes: list = field(default_factory=list)  # monitor.Probe list: values per position (ProjectionEvent)
+
+    @property
+    def condition(self):
+        """The spec's ``monitor.Condition`` when it steers at all (a condition on an empty spec decides nothing)."""
+        cond = self.steering.condition
+        return None if cond is None or self.steering.is_empty() else cond
+
+    @property
+    def watched(self) -> bool:
+        """Whether the backend reports ``ProjectionEvent``s (probes, or a condition's decisions)."""
+        return bool(self.probes) or self.condition is not None
 
     def emit(self, event) -> None:
         """Thread-safe: hand an event to the caller's event loop."""
@@ -69,6 +81,15 @@ class FinishEvent:
 
 
 @dataclass
+class ProjectionEvent:
+    """Probe values (``[n, probes]``) and steered flags of positions ``start .. start+n-1``."""
+
+    start: int
+    values: object
+    steered: list | None = None
+
+
+@dataclass
 class ErrorEvent:
     error: BaseException
 
@@ -81,6 +102,15 @@ def request_failed(cause) -> BaseException:
     return RequestFailedError(f"this request failed inside the engine ({detail}); the other requests were not affected")
 
 
+def _join(a, b):
+    """Two consecutive ``ProjectionDelta``s as one."""
+    from ..monitor import ProjectionDelta
+
+    steered = None if a.steered is None and b.steered is None else \
+        list(a.steered or [False] * len(a.values)) + list(b.steered or [False] * len(b.values))
+    return ProjectionDelta(a.start, torch.cat([a.values, b.values]), steered)
+
+
 @dataclass
 class _Result:
     text: str
@@ -91,6 +121,7 @@ class _Result:
     logprobs: list | None = None
     cumulative_logprob: float | None = None
     request_id: str = ""
+    deltas: list = field(default_factory=list)  # ProjectionEvents, in order
 
 
 class SteerModel:
@@ -190,13 +221,48 @@ class SteerModel:
             raise EmptyInputError(f"prompts[{i}] is an empty string")
         return self._check_prompt_ids(self.tokenizer(prompt, add_special_tokens=True)["input_ids"], f"prompts[{i}]")
 
-    def _new_request(self, ids, sampling, spec, capture) -> Request:
+    def _new_request(self, ids, sampling, spec, capture, probes=()) -> Request:
         if self._closed:
             raise EngineError(f"{self!r} is closed; load the model again")
         return Request(
             request_id=f"req-{next(self._ids)}-{uuid.uuid4().hex[:8]}", prompt_ids=ids, sampling=sampling,
             steering=spec, capture_layers=capture, loop=asyncio.get_running_loop(), fingerprint=spec.fingerprint(),
+            probes=list(probes),
         )
+
+    async def _probes(self, monitor) -> list:
+        """``monitor=`` as checked probes: ``Probe``s, features (or their ids), ``(name, layer, vector)``."""
+        from ..monitor import probe_list
+
+        if monitor is None:
+            return []
+        items = [monitor] if isinstance(monitor, str) else monitor
+        if isinstance(items, (list, tuple)) and any(isinstance(i, str) for i in items):
+            await self.load_features()
+            items = [self._features.get(i) if isinstance(i, str) else i for i in items]
+        probes = probe_list(items)
+        for p in probes:
+            self.check_layer(p.layer, f"probe {p.name!r} layer")
+            if p.vector.numel() != self.hidden_size:
+                raise VectorError(f"probe {p.name!r}: vector has size {p.vector.numel()}, the model's hidden size is "
+                                  f"{self.hidden_size}")
+        return probes
+
+    def _projections(self, probes, rendered_ids, boundaries, result: "_Result"):
+        """The ``monitor.Projections`` of one finished request (None when nothing was watched)."""
+        from ..monitor import Projections
+
+        if not result.deltas:
+            return None
+        values = torch.cat([torch.as_tensor(d.values, dtype=torch.float32) for d in result.deltas])
+        count = int(values.shape[0])
+        steered = None
+        if any(d.steered is not None for d in result.deltas):
+            steered = [bool(x) for d in result.deltas for x in (d.steered or [False] * len(d.values))]
+        ids = (list(rendered_ids) + list(result.token_ids))[:count]
+        return Projections(names=[p.name for p in probes], layers=[p.layer for p in probes], values=values,
+                           token_ids=ids, prompt_len=len(rendered_ids), tokens=[self._token_text(t) for t in ids],
+                           boundaries=list(boundaries), steered=steered)
 
     # ------------------------------------------------------------------ running requests
     async def _events(self, request: Request):
@@ -219,18 +285,21 @@ class SteerModel:
                 self._cancel(request)
 
     async def _run(self, request: Request) -> _Result:
+        deltas = []
         async for event in self._events(request):
-            if isinstance(event, FinishEvent):
+            if isinstance(event, ProjectionEvent):
+                deltas.append(event)
+            elif isinstance(event, FinishEvent):
                 return _Result(event.text, event.token_ids, event.finish_reason, event.captures, event.logits,
-                               event.logprobs, event.cumulative_logprob, request.request_id)
+                               event.logprobs, event.cumulative_logprob, request.request_id, deltas)
         raise EngineError(f"request {request.request_id} ended without a result")  # pragma: no cover
 
-    async def _run_many(self, prompt_ids: list, sampling, specs, capture) -> list:
+    async def _run_many(self, prompt_ids: list, sampling, specs, capture, probes=()) -> list:
         """Run every prompt ``sampling.n`` times; results prompt-major (all samples of prompt 0, then prompt 1...)."""
         samples = [sampling] if sampling.n == 1 else [sampling.for_sample(j) for j in range(sampling.n)]
         async with self._rw.reading():
             requests = [
-                self._new_request(ids, params, self._global if spec is None else spec, capture)
+                self._new_request(ids, params, self._global if spec is None else spec, capture, probes)
                 for ids, spec in zip(prompt_ids, specs) for params in samples
             ]
             return await asyncio.gather(*(self._run(r) for r in requests))
@@ -305,7 +374,7 @@ class SteerModel:
         return rendered
 
     async def chat(self, messages, sampling_params=None, *, steering=None, capture_layers=None, chat_options=None,
-                   raw_output=False, **sampling_kwargs):
+                   raw_output=False, monitor=None, **sampling_kwargs):
         """Reply to one conversation or a list of them; return ``list[ChatResponse]`` (and handles).
 
         ``chat_options={"continue_final_message": True, "add_generation_prompt": False}`` continues
@@ -313,15 +382,21 @@ class SteerModel:
         prompt-major: all ``n`` replies to conversation 0, then those to conversation 1, ...
         ``raw_output=True`` returns vLLM-shaped ``RequestOutput``s instead (one per conversation;
         ``.prompt`` is the rendered prompt, ``.outputs[j].text`` the generated text without a prefill).
+        ``monitor=[features or wb.Probe(...)]`` watches the model: each reply's ``.projections``
+        holds the probes' values at every position (see ``workbench.monitor``); a conditional
+        spec's per-position decisions are there too (``.projections.steered``).
 
         >>> [reply] = await model.chat([{"role": "user", "content": "Hi!"}], max_tokens=16)  # doctest: +SKIP
+        >>> [reply] = await model.chat(messages, monitor=["concept/pirate"], max_tokens=16)  # doctest: +SKIP
+        >>> reply.projections.table()                                                        # doctest: +SKIP
         """
         conversations, _ = normalize_conversations(messages)
         sampling = SamplingParams.from_any(sampling_params, **sampling_kwargs)
         capture = self._capture_layers(capture_layers)
         specs = self._steering_for(steering, len(conversations))
+        probes = await self._probes(monitor)
         rendered = self._render(conversations, chat_options)
-        results = await self._run_many([r.token_ids for r in rendered], sampling, specs, capture)
+        results = await self._run_many([r.token_ids for r in rendered], sampling, specs, capture, probes)
         n = sampling.n
         per_sample = [r for r in rendered for _ in range(n)]
         if raw_output:
@@ -329,7 +404,8 @@ class SteerModel:
         else:
             responses = [
                 ChatResponse(prefill=r.prefill, generated=res.text, token_ids=list(res.token_ids),
-                             finish_reason=res.finish_reason)
+                             finish_reason=res.finish_reason,
+                             projections=self._projections(probes, r.token_ids, r.boundaries, res))
                 for r, res in zip(per_sample, results)
             ]
         if capture_layers is None:
@@ -338,8 +414,14 @@ class SteerModel:
                    for name, r, res in zip(self._handle_names("chat", len(rendered), n), per_sample, results)]
         return responses, handles
 
-    async def stream_chat(self, messages, sampling_params=None, *, steering=None, chat_options=None, **sampling_kwargs):
+    async def stream_chat(self, messages, sampling_params=None, *, steering=None, chat_options=None, monitor=None,
+                          **sampling_kwargs):
         """Yield ``StreamChunk``s of one reply as tokens are produced; leaving the loop stops the request.
+
+        With ``monitor=``, chunks carry ``projections`` (a ``monitor.ProjectionDelta``: the probes'
+        values at the positions computed since the last chunk, one step behind the text; the first
+        covers the prompt) and the first chunk ``monitor_header`` (probe names, layers, prompt
+        tokens, message boundaries).
 
         >>> async for chunk in model.stream_chat([{"role": "user", "content": "Hi"}], max_tokens=32):  # doctest: +SKIP
         ...     print(chunk.text, end="")
@@ -351,14 +433,34 @@ class SteerModel:
         if sampling.n != 1:
             raise ValidationError(f"stream_chat streams one reply; got n={sampling.n} (use chat for n > 1)")
         [spec] = self._steering_for(steering, 1)
+        probes = await self._probes(monitor)
         [rendered] = self._render(conversations, chat_options)
+        from ..monitor import ProjectionDelta
+
         async with self._rw.reading():
-            request = self._new_request(rendered.token_ids, sampling, self._global if spec is None else spec, ())
+            request = self._new_request(rendered.token_ids, sampling, self._global if spec is None else spec, (), probes)
+            header = None
+            if request.watched:
+                header = {"names": [p.name for p in probes], "layers": [p.layer for p in probes],
+                          "prompt_len": len(rendered.token_ids),
+                          "prompt_tokens": [self._token_text(t) for t in rendered.token_ids],
+                          "boundaries": [b.start_token for b in rendered.boundaries],
+                          "roles": [b.role for b in rendered.boundaries]}
+            pending = None  # projections wait for the next chunk (they trail the text by one step)
             async for event in self._events(request):
+                if isinstance(event, ProjectionEvent):
+                    delta = ProjectionDelta(event.start, torch.as_tensor(event.values, dtype=torch.float32), event.steered)
+                    pending = delta if pending is None else _join(pending, delta)
+                    continue
                 if isinstance(event, TokenEvent):
-                    yield StreamChunk(text=event.text, token_ids=[event.token_id])
+                    chunk = StreamChunk(text=event.text, token_ids=[event.token_id])
                 elif isinstance(event, FinishEvent):
-                    yield StreamChunk(text="", token_ids=[], finish_reason=event.finish_reason)
+                    chunk = StreamChunk(text="", token_ids=[], finish_reason=event.finish_reason)
+                else:  # pragma: no cover - the event types are closed
+                    continue
+                chunk.projections, pending = pending, None
+                chunk.monitor_header, header = header, None
+                yield chunk
 
     async def encode(self, prompts, layers, *, steering=None) -> list[dict]:
         """Residual stream at ``layers`` for every token of each prompt: one forward pass, no generation.
@@ -410,16 +512,63 @@ class SteerModel:
         return result.logits
 
     # ------------------------------------------------------------------ features
-    @property
-    def features(self):
-        """The feature set attached to this model; by default the concept library (trained on first use, cached)."""
-        if getattr(self, "_features", None) is None:
-            from .._sync import run
-            from ..features.concepts import concept_library
+    async def load_features(self):
+        """Load the feature set (by default the concept library: trained once, then read from cache); return it.
 
-            fs = run(concept_library(self))
+        The work runs in a worker thread, so the event loop keeps serving meanwhile; concurrent
+        callers share one load, and once loaded this returns at once. ``model.features`` is the set.
+
+        >>> fs = await model.load_features()  # doctest: +SKIP
+        """
+        if getattr(self, "_features", None) is None:
+            # shielded: a caller that gives up (a client disconnects) must not cancel the others' shared load
+            await asyncio.shield(asyncio.wrap_future(self._features_loading()))
+        return self._features
+
+    def _features_loading(self):
+        """The ``concurrent.futures.Future`` of the one feature-set load (started by its first caller)."""
+        import concurrent.futures
+        import threading
+
+        future = concurrent.futures.Future()
+        shared = self.__dict__.setdefault("_features_future", future)   # atomic: one caller wins
+        if shared is future:
+            threading.Thread(target=self._load_features_here, args=(future,), name="workbench-features",
+                             daemon=True).start()
+        return shared
+
+    def _load_features_here(self, future) -> None:
+        from ..features.library import concept_library
+
+        try:
+            fs = asyncio.run(concept_library(self))   # a private loop: this thread is the worker
+        except BaseException as exc:
+            self.__dict__.pop("_features_future", None)   # a later call tries again
+            future.set_exception(exc)
+            return
+        if getattr(self, "_features", None) is None:   # a set assigned meanwhile wins
             fs.model = self
             self._features = fs
+        self.__dict__.pop("_features_future", None)
+        future.set_result(self._features)
+
+    @property
+    def features(self):
+        """The feature set attached to this model; by default the concept library (trained on first use, cached).
+
+        Not loaded yet: without a running event loop in this thread (a script) it loads here; inside
+        one (a notebook cell, a server) loading would stall the loop, so this raises a
+        ``ValidationError``: ``await model.load_features()`` first.
+        """
+        if getattr(self, "_features", None) is None:
+            try:
+                asyncio.get_running_loop()
+            except RuntimeError:
+                self._features_loading().result()
+            else:
+                raise ValidationError(
+                    "model.features is not loaded yet, and loading it here would block the running event loop: "
+                    "run `await model.load_features()` first (it trains or loads the concept library in a worker thread)")
         return self._features
 
     @features.setter

@@ -25,7 +25,8 @@ from ..errors import EngineError, NonFiniteActivationError
 from ..outputs import logprob_dict
 from ..sampling import make_generator, sample_token, token_logprobs
 from ..steering import AddSpec, SteeringSpec
-from .base import ErrorEvent, FinishEvent, Request, SteerModel, TokenEvent, request_failed
+from ..monitor import ConditionState, probe_tables, probe_values
+from .base import ErrorEvent, FinishEvent, ProjectionEvent, Request, SteerModel, TokenEvent, request_failed
 from .detok import TextStream, token_step
 from .prefix_cache import PrefixCache
 
@@ -41,6 +42,14 @@ class _Row:
     finish_reason: str | None = None
     logits: object = None
     logprobs: list | None = None  # per generated token {id: Logprob}, when the request asks for them
+    fed: int = 0           # positions fed through the model so far
+    probe_tables: dict | None = None  # monitor: layer -> probe table (monitor.probe_tables)
+    cond: object = None    # monitor.ConditionState of a conditional spec
+    pass_values: object = None  # [n, probes] values of this pass's positions
+    pass_steered: list | None = None
+
+
+_UNSTEERED = SteeringSpec()
 
 
 @dataclass
@@ -50,6 +59,7 @@ class _Pass:
     plans: dict      # layer -> ("add", [B,1,H] table) | ("all", ops) | ("groups", [(index, ops)])
     captures: dict   # layer -> [(row, start, chunk list)]
     stop_after: int | None = None  # encode passes end after this layer
+    watches: dict = field(default_factory=dict)  # layer -> [(row index, start, _Row)]: probes and conditions
 
 
 class _StopForward(Exception):
@@ -236,7 +246,7 @@ class HFSteerModel(SteerModel):
                                              for layer in self._cache.layers])
         mask = torch.cat([self._mask[i:i + 1], self._mask.new_ones((1, 1))], dim=1)
         ids = torch.tensor([[row.out_ids[-1]]], device=self.device)
-        self._pass = _Pass(self._build_plans([row.req.steering]), {})
+        self._pass = _Pass(self._build_plans([self._effective(row, row.fed)]), {})
         try:
             self.hf_model(input_ids=ids, attention_mask=mask, position_ids=self._next_pos[i:i + 1, None],
                           past_key_values=cache, use_cache=True)
@@ -256,13 +266,11 @@ class HFSteerModel(SteerModel):
         """Run the new requests' prompts in one pass: ``[pad, cached prefix, pad, new tokens]`` per row."""
         from transformers import DynamicCache
 
-        rows = [_Row(r, make_generator(r.sampling, self.device),
-                     TextStream(self.tokenizer, r.sampling.stop, r.sampling.min_tokens),
-                     self._eos | frozenset(r.sampling.stop_token_ids)) for r in reqs]
+        rows = [self._new_row(r) for r in reqs]
         hits = []
         for r in reqs:
-            # captured requests run in full: their handles must hold every prompt position
-            hit = (0, None) if r.capture_layers or self.prefix_cache is None else \
+            # captured and watched requests run in full: every prompt position is captured / measured
+            hit = (0, None) if r.capture_layers or r.watched or self.prefix_cache is None else \
                 self.prefix_cache.lookup(r.fingerprint, r.prompt_ids)
             hits.append(hit)
         past = [n for n, _ in hits]
@@ -288,11 +296,13 @@ class HFSteerModel(SteerModel):
             cache = DynamicCache(ddp_cache_data=data)
         else:
             cache = DynamicCache()
-        self._pass = _Pass(self._build_plans([r.steering for r in reqs]),
-                           self._capture_map(rows, [ws - n for n in new]))
+        self._pass = _Pass(self._build_plans([self._effective(row, 0) for row in rows]),
+                           self._capture_map(rows, [ws - n for n in new]),
+                           watches=self._watch_map(rows, [ws - n for n in new], [ws] * len(rows)))
         out = self.hf_model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
                             position_ids=pos.to(self.device), past_key_values=cache, use_cache=True, logits_to_keep=1)
         self._pass = None
+        self._report_watched(rows)
         self.stats["prefill_passes"] += 1
         self.stats["requests"] += len(reqs)
         self.stats["prefix_hit_tokens"] += sum(past)
@@ -341,13 +351,16 @@ class HFSteerModel(SteerModel):
         rows = self._rows
         ids = torch.tensor([[r.out_ids[-1]] for r in rows], device=self.device)
         mask = torch.cat([self._mask, self._mask.new_ones((len(rows), 1))], dim=1)
-        key = tuple(id(r.req.steering) for r in rows)
-        if key != self._plan_key:  # plans only change when the batch does
-            self._plans, self._plan_key = self._build_plans([r.req.steering for r in rows]), key
-        self._pass = _Pass(self._plans, self._capture_map(rows, [0] * len(rows)))
+        specs = [self._effective(r, r.fed) for r in rows]
+        key = tuple(id(spec) for spec in specs)
+        if key != self._plan_key:  # plans only change when the batch (or a condition's decision) does
+            self._plans, self._plan_key = self._build_plans(specs), key
+        self._pass = _Pass(self._plans, self._capture_map(rows, [0] * len(rows)),
+                           watches=self._watch_map(rows, [0] * len(rows), [1] * len(rows)))
         out = self.hf_model(input_ids=ids, attention_mask=mask, position_ids=self._next_pos[:, None],
                             past_key_values=self._cache, use_cache=True)
         self._pass = None
+        self._report_watched(rows)
         self._mask = mask
         self._next_pos = self._next_pos + 1
         self.stats["decode_passes"] += 1
@@ -452,6 +465,55 @@ class HFSteerModel(SteerModel):
             row.req.emit(FinishEvent(row.finish_reason, row.stream.text, list(row.out_ids), captures, row.logits,
                                      row.logprobs, cumulative))
 
+    # ------------------------------------------------------------------ monitoring and conditions
+    def _new_row(self, r: Request) -> _Row:
+        row = _Row(r, make_generator(r.sampling, self.device), TextStream(self.tokenizer, r.sampling.stop, r.sampling.min_tokens),
+                   self._eos | frozenset(r.sampling.stop_token_ids))
+        if r.probes:
+            row.probe_tables = probe_tables(r.probes)
+        if r.condition is not None:
+            row.cond = ConditionState(r.condition, len(r.prompt_ids))
+        return row
+
+    @staticmethod
+    def _effective(row: _Row, position: int) -> SteeringSpec:
+        """The spec that steers ``row``'s position ``position`` (a conditional spec's decision, see ``monitor``)."""
+        if row.cond is None:
+            return row.req.steering
+        return row.req.steering if row.cond.steer_at(position) else _UNSTEERED
+
+    def _watch_map(self, rows: list[_Row], starts: list[int], counts: list[int]) -> dict:
+        """Layer -> watched rows for this pass; resets each watched row's per-pass values."""
+        watches: dict = {}
+        for i, row in enumerate(rows):
+            if row.probe_tables is None and row.cond is None:
+                continue
+            row.pass_values = torch.zeros(counts[i] - starts[i], len(row.req.probes))
+            row.pass_steered = None if row.cond is None else \
+                [row.cond.steer_at(p) for p in range(row.fed, row.fed + counts[i] - starts[i])]
+            layers = set(row.probe_tables or ()) | ({row.cond.cond.probe.layer} if row.cond is not None else set())
+            for layer in layers:
+                watches.setdefault(layer, []).append((i, starts[i], row))
+        return watches
+
+    def _watch(self, layer: int, hidden: torch.Tensor, items) -> None:
+        for i, start, row in items:
+            h = hidden[i, start:]
+            if row.probe_tables is not None and layer in row.probe_tables:
+                table = row.probe_tables[layer]
+                row.pass_values[:, table[0]] = probe_values(h, table).cpu()
+            if row.cond is not None and row.cond.cond.probe.layer == layer:
+                row.cond.update(row.fed, row.cond.cond.probe.values(h).cpu())
+
+    def _report_watched(self, rows: list[_Row]) -> None:
+        """After a successful pass: each watched row's values, then its position count moves on."""
+        for row in rows:
+            n = 1 if row.fed else len(row.req.prompt_ids)
+            if row.pass_values is not None and not row.req.cancelled:
+                row.req.emit(ProjectionEvent(row.fed, row.pass_values, row.pass_steered))
+            row.pass_values, row.pass_steered = None, None
+            row.fed += n
+
     # ------------------------------------------------------------------ steering and capture
     def _capture_map(self, rows: list[_Row], starts: list[int]) -> dict:
         cmap: dict = {}
@@ -493,6 +555,9 @@ class HFSteerModel(SteerModel):
                 hidden = _apply_plan(hidden, plan)
             for row, start, chunks in step.captures.get(layer_idx, ()):
                 chunks.append(hidden[row, start:].to("cpu", torch.float32, copy=True))
+            watched = step.watches.get(layer_idx)
+            if watched:
+                self._watch(layer_idx, hidden, watched)
             if step.stop_after == layer_idx:
                 raise _StopForward
             if plan is None:

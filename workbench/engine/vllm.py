@@ -13,6 +13,10 @@ workers run in their own processes): it admits requests, uploads spec tables to 
   so every one of its positions is computed (and captured).
 - Text comes from the same incremental detokenizer and stop-string logic as the ``hf`` backend
   (vLLM is asked for token ids only), so both backends give the same text for the same tokens.
+- Watched requests (``monitor=`` probes, or a conditional spec) get a row of the *board*, a
+  shared-memory array the workers write probe values to after each forward; after every step
+  this side reads the positions the step computed (a mapped read, no RPC) and reports them before
+  the step's tokens. Their cache salt is their own, so every position is computed and measured.
 - Captures stay in the workers until fetched (one RPC for many handles); a handle that is closed
   or garbage-collected unread releases them.
 - A request that fails inside the workers (its steering drives the stream to inf/NaN) fails alone:
@@ -47,7 +51,8 @@ from ..errors import (
 from ..models import canonical_name
 from ..steering import AblationSpec, AddSpec, ProjectionCapSpec, SteeringSpec
 from ..outputs import Logprob
-from .base import ErrorEvent, FinishEvent, Request, SteerModel, TokenEvent, request_failed
+from ..monitor import MAX_PROBES
+from .base import ErrorEvent, FinishEvent, ProjectionEvent, Request, SteerModel, TokenEvent, request_failed
 from .detok import TextStream, token_step
 from .vllm_worker import CONFIG_KEY, shm_file
 
@@ -152,6 +157,8 @@ class _Live:
     out_ids: list = field(default_factory=list)
     finish_reason: str | None = None
     logprobs: list | None = None  # per generated token {id: Logprob}, when the request asks for them
+    board_row: int | None = None  # watched requests: their board row, and positions reported so far
+    reported: int = 0
 
 
 @dataclass
@@ -318,6 +325,7 @@ class VLLMSteerModel(SteerModel):
         self._procs: list = []
         self.stats = {"requests": 0, "tokens": 0, "steps": 0, "slot_uploads": 0, "max_batch": 0, "capture_fetches": 0}
         self._faults = _FaultCounter()
+        self._board = _Board(min(self.max_batch_size, 64), self.max_model_len, MAX_PROBES + 1)
         self._engine_args = dict(
             model=self.path, tokenizer=self.path, dtype=_dtype_name(dtype), max_model_len=self.max_model_len,
             max_num_seqs=self.max_batch_size, max_num_batched_tokens=self.max_num_batched_tokens,
@@ -325,7 +333,8 @@ class VLLMSteerModel(SteerModel):
             enable_prefix_caching=enable_prefix_caching, disable_log_stats=True,
             worker_extension_cls="workbench.engine.vllm_worker.WorkbenchWorker",
             additional_config={CONFIG_KEY: {"slots": int(max_specs) + 1, "ops": self.max_ops_per_layer,
-                                            "tokens": self.max_num_batched_tokens, "faults": self._faults.path}},
+                                            "tokens": self.max_num_batched_tokens, "faults": self._faults.path,
+                                            "board": {"path": self._board.path, "shape": list(self._board.shape)}}},
         )
         self._engine_args.update(engine_kwargs)
         self._kv_cache_gb = kv_cache_gb
@@ -463,6 +472,7 @@ class VLLMSteerModel(SteerModel):
         except BaseException as exc:  # reported to the caller of wb.load
             self._start_error = exc
             self._faults.close()
+            self._board.close()
             self._ready.set()
             return
         self._ready.set()
@@ -502,6 +512,7 @@ class VLLMSteerModel(SteerModel):
     def _shutdown_engine(self) -> None:
         engine, self._engine = self._engine, None
         self._faults.close()
+        self._board.close()
         if engine is None:
             return
         try:
@@ -574,6 +585,7 @@ class VLLMSteerModel(SteerModel):
             if not self._wait_for_output(engine):
                 return  # closed while waiting
             outputs = engine.step()
+            self._board.step_done()
             self.stats["steps"] += 1
             self.stats["max_batch"] = max(self.stats["max_batch"], self._live_count())
             if self._faults.moved():  # before the outputs: a failed request shows no token of this step
@@ -637,9 +649,15 @@ class VLLMSteerModel(SteerModel):
         steered = not req.steering.is_empty()
         fingerprint = req.fingerprint if steered else None
         slot = 0
+        row = None
+        if req.watched:
+            row = self._board.acquire()
+            if row is None:
+                return False  # every board row is in use: wait like a request without a spec slot
         if steered:
             got = self._slots.acquire(fingerprint)
             if got is None:
+                self._board.release(row, now=True)
                 return False
             slot, upload = got
             if upload:
@@ -649,6 +667,7 @@ class VLLMSteerModel(SteerModel):
                     self.stats["slot_uploads"] += 1
                 except Exception as exc:
                     self._slots.forget(fingerprint)
+                    self._board.release(row, now=True)
                     req.emit(ErrorEvent(exc if isinstance(exc, ValidationError) else
                                         EngineError(f"uploading the steering spec failed: {exc}")))
                     return True
@@ -657,6 +676,8 @@ class VLLMSteerModel(SteerModel):
             layers.append(self.layer_count - 1)
         key = req.request_id if layers else None
         extra = {CONFIG_KEY: {"slot": slot, "capture": layers, "key": key, "rid": req.request_id}}
+        if row is not None:
+            extra[CONFIG_KEY]["watch"] = _watch_payload(req, row)
         stop_ids = list(s.stop_token_ids) if s.ignore_eos else sorted(set(s.stop_token_ids) | self._eos)
         max_tokens = max(1, min(s.max_tokens, self.max_model_len - len(req.prompt_ids)))
         try:
@@ -669,10 +690,11 @@ class VLLMSteerModel(SteerModel):
         except Exception as exc:  # vLLM's own, narrower ranges (temperature <= 2): this request fails, not the engine
             if fingerprint:
                 self._slots.release(fingerprint)
+            self._board.release(row, now=True)
             req.emit(ErrorEvent(ValidationError(f"vLLM refused these sampling parameters: {exc}")))
             return True
         prompt = {"prompt_token_ids": list(req.prompt_ids)}
-        salt = f"{fingerprint or 'none'}:{req.request_id}" if key else fingerprint
+        salt = f"{fingerprint or 'none'}:{req.request_id}" if key or row is not None else fingerprint
         if salt:
             prompt["cache_salt"] = salt
         try:
@@ -680,10 +702,12 @@ class VLLMSteerModel(SteerModel):
         except Exception as exc:
             if fingerprint:
                 self._slots.release(fingerprint)
+            self._board.release(row, now=True)
             req.emit(ErrorEvent(EngineError(f"vLLM refused the request: {type(exc).__name__}: {exc}")))
             return True
         live = _Live(req=req, vid=vid, stream=TextStream(self.tokenizer, s.stop, s.min_tokens),
-                     eos_ids=self._eos | frozenset(s.stop_token_ids), fingerprint=fingerprint, capture_key=key)
+                     eos_ids=self._eos | frozenset(s.stop_token_ids), fingerprint=fingerprint, capture_key=key,
+                     board_row=row)
         self._live[vid] = live
         if vid != req.request_id:
             self._live[req.request_id] = live
@@ -697,6 +721,14 @@ class VLLMSteerModel(SteerModel):
         completion = out.outputs[0] if out.outputs else None
         params = live.req.sampling
         steps = getattr(completion, "logprobs", None) if params.logprobs is not None else None
+        if live.board_row is not None and completion is not None and completion.token_ids:
+            # the step fed every position before its last new token (that one is fed in the next step)
+            computed = len(live.req.prompt_ids) + len(live.out_ids) + len(completion.token_ids) - 1
+            if computed > live.reported:
+                values, steered = self._board.read(live.board_row, live.reported, computed, len(live.req.probes),
+                                                   live.req.condition is not None)
+                live.req.emit(ProjectionEvent(live.reported, values, steered))
+                live.reported = computed
         for j, token in enumerate(completion.token_ids if completion is not None else ()):
             if params.logprobs is not None:  # detokenize=False: vLLM sends no token texts, decode them here
                 live.logprobs = live.logprobs if live.logprobs is not None else []
@@ -726,6 +758,8 @@ class VLLMSteerModel(SteerModel):
         self._live.pop(live.req.request_id, None)
         if live.fingerprint:
             self._slots.release(live.fingerprint)
+        if live.board_row is not None:
+            self._board.release(live.board_row)  # after the next step: the workers may still write this one
         if engine is None:
             if live.capture_key:
                 self._releases.append(live.capture_key)
@@ -804,6 +838,57 @@ class _FaultCounter:
     def close(self) -> None:
         with contextlib.suppress(OSError):
             os.unlink(self.path)
+
+
+class _Board:
+    """Probe values of watched requests: ``[rows, max_model_len, width]`` float32 in a shared-memory file.
+
+    The workers write a request's values at its positions right after each forward; this side
+    reads them after the step. A mapped file, not RPC results: reading costs nothing per step,
+    which is what keeps monitoring cheap inside a busy batch. The last column is the steered flag.
+    """
+
+    def __init__(self, rows: int, length: int, width: int):
+        import numpy as np
+
+        self.shape = (int(rows), int(length), int(width))
+        self.path = shm_file("workbench-board-", ".f32", 4 * rows * length * width)
+        self._data = np.memmap(self.path, dtype=np.float32, mode="r+", shape=self.shape)
+        self._free = list(range(rows))
+        self._cooling: list = []
+
+    def acquire(self) -> int | None:
+        return self._free.pop(0) if self._free else None
+
+    def release(self, row: int | None, now: bool = False) -> None:
+        if row is None:
+            return
+        (self._free if now else self._cooling).append(row)
+
+    def step_done(self) -> None:
+        """Rows released before this step are free again (their requests ran no forward in it)."""
+        if self._cooling:
+            self._free.extend(self._cooling)
+            self._cooling = []
+
+    def read(self, row: int, start: int, end: int, count: int, steered: bool):
+        block = torch.from_numpy(self._data[row, start:end].copy())
+        return block[:, :count], ([bool(x) for x in (block[:, -1] > 0.5).tolist()] if steered else None)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)
+
+
+def _watch_payload(req: Request, row: int) -> dict:
+    """What the workers need to measure a watched request (plain lists: ``extra_args`` travel as msgpack)."""
+    import hashlib
+
+    probes = [p.to_dict() for p in req.probes]
+    sig = hashlib.sha1(b"".join(p.vector.numpy().tobytes() + repr(p.key()[:5]).encode() for p in req.probes)).hexdigest()
+    cond = req.condition
+    return {"row": row, "probes": probes, "sig": sig, "count": len(probes), "prompt_len": len(req.prompt_ids),
+            "cond": None if cond is None else cond.to_dict()}
 
 
 def _children() -> list:

@@ -13,7 +13,12 @@ do not: a compiled graph never calls them). Each patched layer owns preallocated
   and per-request token counts), so chunked prefill, prefix-cache hits, requests joining or leaving
   and preemption all map tokens to the right request.
 - ``wb_cap[T, H]``: the layer's residual stream after steering, for every token of the batch; the
-  worker copies the rows of requests that asked for capture after the forward. After a step with
+  worker copies the rows of requests that asked for capture after the forward, and computes the
+  probe values of watched requests from them (``workbench.monitor``): they go to the *board*, a
+  shared-memory array ``[rows, max_model_len, probes + 1]`` the kernel maps (one row per watched
+  request; the last column is the "steered" flag of a conditional spec). A conditional spec's
+  per-token slot is decided here, before each forward, by the same ``ConditionState`` the ``hf``
+  backend runs, from values of positions already computed. After a step with
   steered tokens, the last layer's rows are also checked for inf/NaN: a request whose steering
   overflowed is reported (``wb_failures``) and ended by the kernel, alone.
 
@@ -187,8 +192,15 @@ class WorkbenchWorker:
         self._wb_model = model
         self._wb_check = None      # (request ids, token counts) of a step with steered tokens
         self._wb_failed: dict = {}  # request id -> (kind, detail), until the kernel asks
-        path = (_settings(self.vllm_config) or {}).get("faults")
+        settings = _settings(self.vllm_config) or {}
+        path = settings.get("faults")
         self._wb_faults = np.memmap(path, dtype=np.int64, mode="r+", shape=(1,)) if path else None
+        board = settings.get("board")
+        self._wb_board = np.memmap(board["path"], dtype=np.float32, mode="r+", shape=tuple(board["shape"])) \
+            if board else None
+        self._wb_watch: dict = {}   # request id -> _Watch (probes, condition state, board row)
+        self._wb_tables: dict = {}  # probe signature -> tables on the device, shared by requests
+        self._wb_watched: list = []  # this step's watched requests: (watch, offset, n, start, rid, steered)
         if not getattr(runner, "_wb_wrapped", False):
             _wrap_runner(runner, self)
             runner._wb_wrapped = True
@@ -300,6 +312,7 @@ class WorkbenchWorker:
     def _wb_before(self, runner, scheduler_output, num_scheduled: np.ndarray) -> None:
         for rid in getattr(scheduler_output, "finished_req_ids", ()) or ():
             self._wb_next.pop(rid, None)
+            self._wb_watch.pop(rid, None)
         batch = runner.input_batch
         num_reqs = batch.num_reqs
         req_ids = batch.req_ids[:num_reqs]
@@ -307,6 +320,8 @@ class WorkbenchWorker:
         slots = np.zeros(num_reqs, dtype=np.int64)
         rids = []
         step = []
+        watched = []
+        conditional = []  # (offset, n, per-token slots) of conditional specs
         offset = 0
         for i, rid in enumerate(req_ids):
             state = runner.requests.get(rid)
@@ -324,18 +339,34 @@ class WorkbenchWorker:
                 slots[i] = int(wb.get("slot", 0))
                 if wb.get("capture"):
                     step.append((wb["key"], tuple(wb["capture"]), offset, n, start, rids[-1]))
+                if wb.get("watch"):
+                    try:
+                        w = self._wb_watch.get(rid) or self._wb_watch.setdefault(rid, self._wb_new_watch(wb["watch"]))
+                    except Exception as exc:  # a malformed payload fails its request, not the engine
+                        self._wb_fail(rids[-1], "error", f"monitoring failed: {type(exc).__name__}: {exc}")
+                        w = None
+                    steered = None
+                    if w is not None and w.cond is not None:
+                        # the decision for position p uses values of positions < p only: all computed in earlier steps
+                        steered = [w.cond.steer_at(p) for p in range(start, start + n)]
+                        conditional.append((offset, n, [int(slots[i]) if on else 0 for on in steered]))
+                    if w is not None:
+                        watched.append((w, offset, n, start, rids[-1], steered))
             offset += n
         total = offset
         if total > self._wb_slot.shape[0]:
             raise RuntimeError(f"workbench: {total} tokens in one step exceed the table size {self._wb_slot.shape[0]}")
-        tok = torch.from_numpy(np.repeat(slots, counts))
-        self._wb_slot[:total].copy_(tok)
+        tok = np.repeat(slots, counts)
+        for at, n, per_token in conditional:
+            tok[at:at + n] = per_token
+        self._wb_slot[:total].copy_(torch.from_numpy(tok))
         if self._wb_filled > total:  # padding rows of a larger previous batch: no steering
             self._wb_slot[total:self._wb_filled].zero_()
         self._wb_filled = total
         self._wb_step = step
+        self._wb_watched = watched
         # only steered steps are checked for inf/NaN: unsteered serving pays nothing
-        self._wb_check = (rids, counts) if slots.any() else None
+        self._wb_check = (rids, counts) if tok.any() else None
         self._wb_counts["steps"] += 1
         if len(set(slots.tolist())) > 1:
             self._wb_counts["mixed_slot_steps"] += 1  # requests with different specs in one forward
@@ -348,6 +379,13 @@ class WorkbenchWorker:
         """
         step, self._wb_step = self._wb_step, []
         check, self._wb_check = self._wb_check, None
+        watched, self._wb_watched = self._wb_watched, []
+        if watched:
+            try:
+                self._wb_measure(watched)
+            except Exception as exc:
+                for item in watched:
+                    self._wb_fail(item[4], "error", f"monitoring failed: {type(exc).__name__}: {exc}")
         if check is not None:
             try:
                 self._wb_check_finite(*check)
@@ -360,6 +398,71 @@ class WorkbenchWorker:
             for item in step:
                 self._wb_store.pop(item[0], None)
                 self._wb_fail(item[5], "error", f"capturing failed: {type(exc).__name__}: {exc}")
+
+    def _wb_new_watch(self, payload: dict) -> "_Watch":
+        """A request's watch state from its ``extra_args`` payload (probe tables shared by signature)."""
+        from ..monitor import Condition, ConditionState, Probe, probe_tables
+
+        cap = self._wb_layers[0].wb_cap
+        sig = payload.get("sig")
+        tables = self._wb_tables.get(sig) if sig else None
+        if tables is None:
+            probes = [Probe(**p) for p in payload.get("probes", ())]
+            tables = {layer: tuple(t.to(cap.device) if isinstance(t, torch.Tensor) else t for t in table)
+                      for layer, table in probe_tables(probes).items()}
+            if sig:
+                if len(self._wb_tables) >= 256:
+                    self._wb_tables.pop(next(iter(self._wb_tables)))
+                self._wb_tables[sig] = tables
+        cond, cond_table = None, None
+        if payload.get("cond"):
+            c = Condition.from_dict(payload["cond"])
+            cond = ConditionState(c, int(payload["prompt_len"]))
+            [cond_table] = [tuple(t.to(cap.device) if isinstance(t, torch.Tensor) else t for t in table)
+                            for table in probe_tables([c.probe]).values()]
+        return _Watch(int(payload["row"]), tables, int(payload.get("count", 0)), cond, cond_table,
+                      None if cond is None else c.probe.layer)
+
+    def _wb_measure(self, watched: list) -> None:
+        """Probe values of this step's watched positions to the board; feed conditions their probe's values.
+
+        Requests with the same probes are measured together: one matmul per layer and probe set.
+        """
+        from ..monitor import probe_values
+
+        groups: dict = {}  # (layer, id(table)) -> (table, [items])
+        for item in watched:
+            w = item[0]
+            for layer, table in w.tables.items():
+                groups.setdefault((layer, id(table)), (table, []))[1].append(item)
+        results: dict = {}  # id(watch) -> [(columns, values [n, k])]
+        for (layer, _), (table, items) in groups.items():
+            cap = self._wb_layers[layer].wb_cap
+            if len(items) == 1:
+                _, offset, n, _, _, _ = items[0]
+                rows = cap[offset:offset + n]
+            else:
+                index = torch.cat([torch.arange(o, o + n) for _, o, n, _, _, _ in items]).to(cap.device)
+                rows = cap.index_select(0, index)
+            vals = probe_values(rows, table).to("cpu", torch.float32)
+            at = 0
+            for item in items:
+                n = item[2]
+                results.setdefault(id(item[0]), []).append((table[0], vals[at:at + n]))
+                at += n
+        write = self._wb_board is not None and self._wb_rank() == 0
+        for w, offset, n, start, rid, steered in watched:
+            if w.cond is not None:
+                cap = self._wb_layers[w.cond_layer].wb_cap
+                w.cond.update(start, probe_values(cap[offset:offset + n], w.cond_table)[:, 0].to("cpu"))
+            if not write:
+                continue
+            line = np.zeros((n, self._wb_board.shape[2]), dtype=np.float32)
+            for cols, vals in results.get(id(w), ()):
+                line[:, cols] = vals.numpy()
+            if steered is not None:
+                line[:, -1] = steered
+            self._wb_board[w.row, start:start + n] = line
 
     def _wb_check_finite(self, rids: list, counts: np.ndarray) -> None:
         """Report the requests with an inf/NaN in the last layer's stream this step (the logits would be NaN)."""
@@ -411,6 +514,16 @@ class WorkbenchWorker:
             for key, _, _, n, start, _ in items:
                 self._wb_store.setdefault(key, {}).setdefault(layer, []).append((start, rows[at:at + n]))
                 at += n
+
+
+class _Watch:
+    """What a worker keeps for one watched request."""
+
+    __slots__ = ("row", "tables", "count", "cond", "cond_table", "cond_layer")
+
+    def __init__(self, row, tables, count, cond, cond_table, cond_layer):
+        self.row, self.tables, self.count = row, tables, count
+        self.cond, self.cond_table, self.cond_layer = cond, cond_table, cond_layer
 
 
 def _ship(stores: dict, extra: dict) -> dict:
@@ -526,7 +639,7 @@ def _wrap_runner(runner, worker: WorkbenchWorker) -> None:
         try:
             return execute(*args, **kwargs)
         finally:
-            if worker._wb_step or worker._wb_check is not None:
+            if worker._wb_step or worker._wb_check is not None or worker._wb_watched:
                 worker._wb_after()
 
     runner._prepare_inputs = _prepare_inputs

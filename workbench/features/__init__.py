@@ -9,13 +9,14 @@ from __future__ import annotations
 import importlib
 
 _WHERE = {
-    "RECOMMENDED_STRENGTH": "concepts", "concept_library": "concepts", "train_concept": "concepts",
-    "Feature": "featureset", "FeatureSet": "featureset", "SAE": "sae",
+    "RECOMMENDED_STRENGTH": "concepts", "concept_library": "library", "train_concept": "concepts",
+    "Feature": "feature", "FeatureSet": "featureset", "SAE": "sae",
     "InterventionSpec": "variant", "Variant": "variant", "compile_interventions": "variant",
+    "FeaturePage": "pages", "feature_page": "pages", "render_feature_page": "pages",
 }
 
-__all__ = ["Feature", "FeatureSet", "InterventionSpec", "RECOMMENDED_STRENGTH", "SAE", "Variant",
-           "compile_interventions", "concept_library", "train_concept"]
+__all__ = ["Feature", "FeaturePage", "FeatureSet", "InterventionSpec", "RECOMMENDED_STRENGTH", "SAE", "Variant",
+           "compile_interventions", "concept_library", "feature_page", "render_feature_page", "train_concept"]
 
 
 def __getattr__(name: str):

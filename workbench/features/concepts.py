@@ -1,4 +1,4 @@
-"""Concept directions from contrastive examples, and the default concept library.
+"""Concept directions from contrastive examples (the default concept library built from them: library.py).
 
 A concept is trained by difference of means: the mean residual (per example, over the tokens of
 its content, placed as an assistant reply inside the chat template) of the positive examples
@@ -34,7 +34,7 @@ import torch
 
 from ..chat import check_chat_options, render_chat
 from ..errors import EmptyInputError, ValidationError
-from .featureset import Feature, FeatureSet
+from .feature import Feature
 
 LIBRARY_VERSION = 2   # 2: concepts carry a read direction (encoder)
 _CHUNK = 32
@@ -59,7 +59,7 @@ def candidate_layers(model) -> list[int]:
 _ASK = "Please say something."
 
 
-def _example_tokens(model, example) -> tuple[list[int], int, int]:
+def example_tokens(model, example) -> tuple[list[int], int, int]:
     """Token ids of an example in chat context, and the ``[start, end)`` range its content occupies.
 
     A text becomes the assistant's reply to a fixed request, so directions are learned where they
@@ -95,7 +95,7 @@ async def example_stats(model, examples, layers, desc: str | None = None, last: 
     """
     from tqdm.auto import tqdm
 
-    items = [_example_tokens(model, e) for e in examples]
+    items = [example_tokens(model, e) for e in examples]
     sums = torch.zeros(len(items), len(layers), model.hidden_size)
     counts = torch.zeros(len(items))
     norms = [[] for _ in layers]
@@ -176,7 +176,7 @@ async def library_stats(model, layers=None):
     """
     cache = model.__dict__.setdefault("_library_stats", {})
     layers = tuple(layers or candidate_layers(model))
-    disk = _cache_dir(model) / f"stats-{'-'.join(map(str, layers))}.safetensors"
+    disk = cache_dir(model) / f"stats-{'-'.join(map(str, layers))}.safetensors"
     if layers not in cache and disk.is_file():
         from safetensors.torch import load_file
 
@@ -199,8 +199,8 @@ async def library_stats(model, layers=None):
     return cache[layers]
 
 
-def _feature(model, label, fid, index, layers, ps, pc, ns, nc, neutral_sums, neutral_counts, norms,
-             shrinkage: float | None = READ_SHRINKAGE) -> Feature:
+def concept_feature(model, label, fid, index, layers, ps, pc, ns, nc, neutral_sums, neutral_counts, norms,
+                    shrinkage: float | None = READ_SHRINKAGE) -> Feature:
     """A concept Feature from per-example sums; ``shrinkage=None`` reads with the steering direction."""
     chosen, u, sep, pos_tok = fit_direction(ps, pc, ns, nc, layers)
     j = layers.index(chosen)
@@ -287,8 +287,8 @@ async def train_concept(model, label: str, positive, negative=None, layer: int |
         ns, nc = lsums, lcounts
         pair_sums, pair_counts, pair_last = lsums[neutral], lcounts[neutral], None
     norms = [n for n in lnorms]
-    feature = _feature(model, label, feature_id or f"concept/{_slug(label)}", index_in_sae, layers, ps, pc, ns, nc,
-                       lsums[neutral], lcounts[neutral], norms)
+    feature = concept_feature(model, label, feature_id or f"concept/{slug(label)}", index_in_sae, layers, ps, pc, ns, nc,
+                              lsums[neutral], lcounts[neutral], norms)
     if method != "mean_diff":
         j = layers.index(feature.layer)
         if method == "caa":
@@ -304,39 +304,19 @@ async def train_concept(model, label: str, positive, negative=None, layer: int |
     return feature
 
 
-def _slug(text: str) -> str:
+def slug(text: str) -> str:
+    """An id- and file-safe form of ``text``: lower case, other characters as ``-``, at most 48 characters."""
     return "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-")[:48] or "concept"
 
 
-def _cache_dir(model):
+def cache_dir(model):
+    """The folder of ``model``'s trained concept library and its statistics (keyed by the library's data)."""
     from ..models import workbench_home
 
     data = json.dumps(library_data(), sort_keys=True)
     key = hashlib.sha256(f"{LIBRARY_VERSION}|{model.model_name}|{model.hidden_size}|{model.layer_count}|{data}".encode())
-    slug = _slug(model.model_name.rsplit("/", 1)[-1])[:32]
-    return workbench_home() / "concept-library" / f"{slug}-{key.hexdigest()[:16]}"
-
-
-async def concept_library(model, retrain: bool = False) -> FeatureSet:
-    """The default concept library for ``model``: trained on first use (progress bar), then loaded from cache.
-
-    Each concept is contrasted with the neutral sentences and every other concept's examples
-    (one against the rest), so what all styled replies share does not end up in every direction.
-    """
-    path = _cache_dir(model)
-    if (path / "features.json").is_file() and not retrain:
-        return FeatureSet.load(path)
-    data = library_data()
-    layers = candidate_layers(model)
-    sums, counts, norms, owner = await library_stats(model, layers)
-    neutral = owner == -1
-    fs = FeatureSet(name="concepts")
-    for ci, concept in enumerate(data["concepts"]):
-        mine = owner == ci
-        fs.add(_feature(model, concept["label"], f"concept/{concept['id']}", ci, layers, sums[mine], counts[mine],
-                        sums[~mine], counts[~mine], sums[neutral], counts[neutral], norms))
-    fs.save(path)
-    return fs
+    name = slug(model.model_name.rsplit("/", 1)[-1])[:32]
+    return workbench_home() / "concept-library" / f"{name}-{key.hexdigest()[:16]}"
 
 
 RECOMMENDED_STRENGTH = (0.3, 0.5)
@@ -344,5 +324,5 @@ RECOMMENDED_STRENGTH = (0.3, 0.5)
 
 Measured on the default model: below 0.3 little changes; from about 0.6 replies turn to gibberish."""
 
-__all__ = ["concept_library", "train_concept", "candidate_layers", "fit_read_direction", "fit_steering_direction",
-           "METHODS", "RECOMMENDED_STRENGTH"]
+__all__ = ["train_concept", "candidate_layers", "fit_read_direction", "fit_steering_direction", "concept_feature",
+           "example_stats", "example_tokens", "library_data", "library_stats", "METHODS", "RECOMMENDED_STRENGTH"]

@@ -2,7 +2,7 @@
 
 Every feature has a unit ``direction`` at its ``layer`` and a ``scale``, its natural size in
 residual units: a strength-``s`` intervention in mode ``add`` adds ``s * scale * direction``
-(DESIGN.md "Strength units"). Activations, used by inspect / activations / contrast:
+(docs/DESIGN.md "Strength units"). Activations, used by inspect / activations / contrast:
 
 - concept directions: the calibrated projection ``(h . r - bias) / span`` per token on the
   feature's read direction ``r`` (its ``encoder``: Fisher's discriminant, see concepts.py;
@@ -21,44 +21,14 @@ residual units: a strength-``s`` intervention in mode ``add`` adds ``s * scale *
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from ..errors import UnknownFeatureError, ValidationError
 from ..steering import AddSpec, ProjectionCapSpec
+from .feature import Feature
 from .sae import SAE, load_labels
-
-
-@dataclass
-class Feature:
-    """One labelled feature; ``to_item()`` is its vllm-sdk ``FeatureItem`` form."""
-
-    id: str
-    label: str
-    layer: int
-    index_in_sae: int
-    direction: torch.Tensor = field(repr=False)
-    scale: float = 1.0
-    dimension: int | None = None
-    kind: str = "concept"          # concept | sae
-    bias: float = 0.0              # concept activation calibration
-    span: float = 1.0
-    sae: str | None = None         # name of the SAE of an SAE feature
-    max_activation: float = 1.0    # SAE features: typical maximum activation
-    # Concepts read with a direction of their own, as an SAE reads with W_enc and writes with W_dec:
-    # steering adds ``direction`` (difference of means), activations project on ``encoder``.
-    encoder: torch.Tensor | None = field(default=None, repr=False)
-    method: str = "mean_diff"      # concepts: how the steering direction was fitted (concepts.METHODS)
-
-    def read_direction(self) -> torch.Tensor:
-        """The unit direction activations project on: ``encoder`` if the feature has one, else ``direction``."""
-        return self.direction if self.encoder is None else self.encoder
-
-    def to_item(self) -> dict:
-        return {"id": self.id, "label": self.label, "layer": self.layer, "index_in_sae": self.index_in_sae,
-                "dimension": self.dimension}
 
 
 class FeatureSet:
@@ -144,7 +114,7 @@ class FeatureSet:
 
     # -- steering ------------------------------------------------------------------------------
     def op_for(self, feature: Feature, strength: float, mode: str):
-        """The steering op of one intervention, in DESIGN.md's strength units."""
+        """The steering op of one intervention, in docs/DESIGN.md's strength units."""
         if mode == "add":
             return AddSpec(feature.direction * (strength * feature.scale))
         if feature.kind == "sae":
@@ -175,6 +145,10 @@ class FeatureSet:
                 acts = (h @ u.T - bias) / span
             out[:, idx] = acts
         return out
+
+    def activations_of(self, feature: Feature, hidden: torch.Tensor) -> torch.Tensor:
+        """Per-token activations ``[tokens]`` of one feature from residuals ``[tokens, hidden]`` at its layer."""
+        return FeatureSet([feature], saes=self.saes, name=feature.id).activations_from_hidden({feature.layer: hidden})[:, 0]
 
     def active_threshold(self) -> torch.Tensor:
         """Per feature, the activation above which it counts as active (``frequency``)."""
@@ -245,7 +219,7 @@ class FeatureSet:
         >>> f = await model.features.add_vector("my direction", v, layer=6)   # doctest: +SKIP
         >>> wb.Variant("default").set(f, strength=0.4)                        # doctest: +SKIP
         """
-        from .concepts import _slug, example_stats, library_data
+        from .concepts import example_stats, library_data, slug
 
         model = self._model()
         layer = model.check_layer(layer)
@@ -259,7 +233,7 @@ class FeatureSet:
         if scale is None:
             _, _, norms = await example_stats(model, library_data()["neutral"], [layer])
             scale = float(norms[0].median())
-        return self.add(Feature(id=feature_id or f"vector/{_slug(label)}", label=label, layer=layer,
+        return self.add(Feature(id=feature_id or f"vector/{slug(label)}", label=label, layer=layer,
                                 index_in_sae=max([f.index_in_sae for f in self._features], default=-1) + 1,
                                 direction=v / v.norm(), scale=float(scale), kind="vector"))
 
@@ -294,6 +268,17 @@ class FeatureSet:
         from . import inspection
 
         return await inspection.logits(self._model(), self, messages, top_k, start_idx, end_idx, interventions)
+
+    async def page(self, feature, corpus=None, **kwargs):
+        """The feature's page: top contexts in the library and ``corpus``, activation histogram, promoted tokens.
+
+        Keyword arguments go to ``pages.feature_page`` (``top_n``, ``window``, ``bins``, ``include_library``).
+
+        >>> await model.features.page("concept/pirate", corpus=["Arr, hoist the sails!"])  # doctest: +SKIP
+        """
+        from .pages import feature_page
+
+        return await feature_page(self._model(), self.get(feature), corpus, features=self, **kwargs)
 
     async def contrast(self, dataset_1, dataset_2, k_to_add: int = 10, k_to_remove: int = 10,
                        interventions_1=None, interventions_2=None):

@@ -71,12 +71,14 @@ class Variant:
         return self
 
     def to_steering_spec(self, model, features=None) -> SteeringSpec:
-        """Compile against ``model``'s feature set (or ``features``) in DESIGN.md's strength units."""
+        """Compile against ``model``'s feature set (or ``features``) in docs/DESIGN.md's strength units."""
         if canonical_name(model.model_name) != self.model_name:
             raise ValidationError(f"this Variant is for {self.model_name!r}, the model is {model.model_name!r}")
         from ..steering import merge_specs
 
-        spec = compile_interventions(self.interventions, features if features is not None else model.features)
+        if features is None and self.interventions:   # a Variant of raw specs only needs no feature set
+            features = model.features
+        spec = compile_interventions(self.interventions, features)
         if self.spec is not None:
             spec = merge_specs(spec, self.spec.validate(model.hidden_size, model.layer_count))
         return spec
