@@ -72,6 +72,7 @@ bench: $(VENV)/.vllm-stamp
 	$(PY) benchmarks/widgets_bench.py
 	$(PY) benchmarks/load_test.py --seconds 120 --clients 32
 	$(PY) benchmarks/vllm_bench.py
+	$(PY) benchmarks/monitor_bench.py
 
 serve: setup
 	$(VENV)/bin/workbench serve $(SERVE_ARGS)

@@ -239,3 +239,92 @@ def test_monitor_input_errors(tiny):
     with pytest.raises(wb.ValidationError):
         asyncio.run(tiny.chat(CHAT, monitor=[Probe("p", 1, torch.ones(tiny.hidden_size)),
                                              Probe("p", 2, torch.ones(tiny.hidden_size))], max_tokens=2))
+
+
+# ------------------------------------------------------------------------------------ vllm engine
+def _gap_threshold(values):
+    """A threshold in the widest gap between the middle values: no value sits near it on either backend."""
+    v = sorted(float(x) for x in values)
+    lo, hi = len(v) // 4, max(len(v) // 4 + 1, 3 * len(v) // 4)
+    gaps = [(v[i + 1] - v[i], i) for i in range(lo, min(hi, len(v) - 1))]
+    _, i = max(gaps)
+    return (v[i] + v[i + 1]) / 2
+
+
+@pytest.mark.parametrize("mode,latch", [("prompt", False), ("token", False), ("token", True)])
+def test_vllm_conditional_steering_matches_the_hf_reference(vllm_model, default_model, mode, latch):
+    spec, probe = _spec_and_probe(default_model, 9, 6, strength=25.0)
+    ids = _prompt_ids(default_model, CHAT)
+    _, _, values = reference_run(default_model, ids, wb.SteeringSpec(), 12, [probe])
+    vals = values["probe"]
+    threshold = float(vals[:len(ids)].mean()) - 0.05 if mode == "prompt" else _gap_threshold(vals[len(ids) - 1:])
+    cond_spec = wb.SteeringSpec(spec.layers, condition=Condition(probe, threshold, mode=mode, latch=latch))
+    want_ids, want_steer, want_vals = reference_run(default_model, ids, cond_spec, 12, [probe])
+    [reply] = asyncio.run(vllm_model.chat(CHAT, steering=cond_spec, monitor=[probe], **GREEDY))
+    assert reply.token_ids == want_ids
+    assert reply.projections.steered == want_steer
+    torch.testing.assert_close(reply.projections["probe"], want_vals["probe"], rtol=1e-3, atol=2e-2)
+
+
+def test_vllm_monitored_values_are_the_probes_on_the_models_own_stream(vllm_model, default_model):
+    spec, probe = _spec_and_probe(default_model, 9, 6, strength=10.0)
+    probe2 = Probe("later", 12, torch.randn(default_model.hidden_size, generator=torch.Generator().manual_seed(5)),
+                   bias=0.3, span=2.0)
+    ids = _prompt_ids(default_model, CHAT)
+    [reply] = asyncio.run(vllm_model.chat(CHAT, steering=spec, monitor=[probe, probe2], **GREEDY))
+    want_ids, _, want = reference_run(default_model, ids, spec, 12, [probe, probe2])
+    assert reply.token_ids == want_ids
+    pr = reply.projections
+    assert pr.names == ["probe", "later"] and len(pr) == len(ids) + 12 - 1 and pr.steered is None
+    for name in pr.names:
+        torch.testing.assert_close(pr[name], want[name], rtol=1e-3, atol=2e-2)
+
+
+def test_vllm_watched_requests_inside_a_busy_batch_match_their_solo_runs(vllm_model):
+    """Conditional, monitored and plain requests with different specs in one continuous batch."""
+    model = vllm_model
+    spec, probe = _spec_and_probe(model, 9, 6, strength=25.0)
+    other, probe_b = _spec_and_probe(model, 4, 10, seed=3, strength=12.0)
+    probe_b.name = "probe_b"
+    cond_spec = wb.SteeringSpec(spec.layers, condition=Condition(probe, 0.0, mode="token", latch=True))
+    jobs = [(CHAT, cond_spec, [probe]), (OTHER, other, [probe_b]), (CHAT, spec, None), (OTHER, wb.SteeringSpec(), [probe]),
+            (CHAT, wb.SteeringSpec(), None), (OTHER, cond_spec, [probe_b, probe])]
+
+    async def one(chat, s, monitor):
+        [r] = await model.chat(chat, steering=s, monitor=monitor, **GREEDY)
+        return r
+
+    async def together():
+        return await asyncio.gather(*(one(*job) for job in jobs * 2))
+
+    solo = [asyncio.run(one(*job)) for job in jobs]
+    batched = asyncio.run(together())
+    for a, b in zip(solo * 2, batched):
+        assert a.token_ids == b.token_ids
+        if a.projections is None:
+            assert b.projections is None
+            continue
+        assert a.projections.steered == b.projections.steered
+        torch.testing.assert_close(a.projections.values, b.projections.values, rtol=1e-4, atol=1e-3)
+    assert model.worker_stats()[0]["failed"] == 0
+
+
+def test_vllm_streamed_projections_add_up_to_the_replys(vllm_model):
+    model = vllm_model
+    spec, probe = _spec_and_probe(model, 9, 6, strength=25.0)
+    cond_spec = wb.SteeringSpec(spec.layers, condition=Condition(probe, 0.0, mode="token"))
+
+    async def run():
+        chunks = [c async for c in model.stream_chat(CHAT, steering=cond_spec, monitor=[probe], **GREEDY)]
+        [reply] = await model.chat(CHAT, steering=cond_spec, monitor=[probe], **GREEDY)
+        return chunks, reply
+
+    chunks, reply = asyncio.run(run())
+    deltas = [c.projections for c in chunks if c.projections is not None]
+    assert deltas[0].start == 0 and chunks[0].monitor_header["prompt_len"] == reply.projections.prompt_len
+    at = 0
+    for d in deltas:
+        assert d.start == at
+        at += d.values.shape[0]
+    torch.testing.assert_close(torch.cat([d.values for d in deltas])[:, 0], reply.projections["probe"])
+    assert [s for d in deltas for s in d.steered] == reply.projections.steered

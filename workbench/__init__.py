@@ -38,6 +38,7 @@ _LAZY = {
     "resolve_model": ".models",
     "SamplingParams": ".sampling",
     "strength_sweep": ".sweep",
+    **{name: ".monitor" for name in ("Probe", "Condition", "Projections", "ProjectionDelta")},
     **{name: ".outputs" for name in ("RequestOutput", "CompletionOutput", "Logprob")},
     **{name: ".evaluation" for name in ("evaluate_steering", "best_steering", "OfflineJudge", "OpenAIJudge")},
     **{name: ".steering" for name in ("AblationSpec", "AddSpec", "LayerSteeringSpec", "ProjectionCapSpec", "SAEClampSpec",
@@ -52,7 +53,7 @@ __all__ = [
     "ProjectionCapSpec", "PromptTooLongError", "RequestFailedError", "SAEClampSpec", "SamplingParams", "SteerModel", "SteeringSpec",
     "SteeringStackEmptyError", "StreamChunk", "VLLMSteerModel", "VLLMSteeringConfig", "ValidationError", "VectorError", "WorkbenchError", "load",
     "resolve_model", "strength_sweep", "evaluate_steering", "best_steering", "OfflineJudge", "OpenAIJudge",
-    "RequestOutput", "CompletionOutput", "Logprob",
+    "RequestOutput", "CompletionOutput", "Logprob", "Probe", "Condition", "Projections", "ProjectionDelta",
     *sorted(set(_SDK_SCHEMAS) - {"InterventionSpec"}),
 ]
 

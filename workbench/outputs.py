@@ -38,6 +38,7 @@ class CompletionOutput:
     logprobs: list | None
     finish_reason: str | None = None
     stop_reason: int | str | None = None  # not tracked by the workbench: always None
+    projections: object = None  # workbench extension: monitor.Projections when the request was watched
 
     def finished(self) -> bool:
         return self.finish_reason is not None

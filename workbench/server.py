@@ -130,6 +130,7 @@ def create_app(model, aliases=(), api_key: str | None = None, max_body_bytes: in
                     service.check_model(req.model)
                     service._sampling(req)
                     await service._spec(req)
+                    await service._probes(req.monitor)
                     return StreamingResponse(sse(req), media_type="text/event-stream")
                 return JSONResponse(json.loads((await getattr(service, method)(req)).model_dump_json()))
             except _Refused as exc:

@@ -401,6 +401,11 @@ class SteerModel:
         per_sample = [r for r in rendered for _ in range(n)]
         if raw_output:
             responses = self._request_outputs([r.text for r in rendered], [r.token_ids for r in rendered], results, n)
+            if probes or any(res.deltas for res in results):
+                for i, out in enumerate(responses):
+                    for j, c in enumerate(out.outputs):
+                        r = rendered[i]
+                        c.projections = self._projections(probes, r.token_ids, r.boundaries, results[i * n + j])
         else:
             responses = [
                 ChatResponse(prefill=r.prefill, generated=res.text, token_ids=list(res.token_ids),
