@@ -11,7 +11,7 @@ ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root,)
 
 SERVE_ARGS ?=
 
-.PHONY: setup lab test bench serve clean browser
+.PHONY: setup lab test check lint bench serve clean browser
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -58,9 +58,17 @@ lab: setup
 	$(VENV)/bin/jupyter lab --ip=$(LAB_HOST) --port=$(LAB_PORT) $(ROOT_FLAG) --ServerApp.root_dir="$(CURDIR)" \
 		--LabApp.default_url=/lab/tree/notebooks/01_quickstart.ipynb $(LAB_ARGS)
 
-test: $(VENV)/.vllm-stamp browser
+test: $(VENV)/.vllm-stamp browser lint
 	$(PY) -m workbench prepare
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Lint and the fast tests (no default model, vLLM, server or browser): minutes, for the edit-test loop.
+check: $(VENV)/.test-stamp lint
+	$(PY) -m pytest -m "not integration" -q $(PYTEST_ARGS)
+
+lint: $(VENV)/.test-stamp
+	$(PY) -m ruff check workbench widgets tests benchmarks
+	$(PY) -m mypy
 
 bench: $(VENV)/.vllm-stamp
 	$(PY) -m workbench prepare

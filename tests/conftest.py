@@ -66,7 +66,7 @@ def tiny(tiny_dir):
 @pytest.fixture(scope="session")
 def default_model():
     model = wb.load("default")
-    model.features   # no event loop runs here: loads the concept library, so async tests can read model.features
+    _ = model.features   # no event loop runs here: loads the concept library, so async tests can read model.features
     yield model
     model.close()
     gc.collect()
@@ -221,6 +221,19 @@ def assert_close_rel(actual, expected, rel=1e-4):
     diff = (actual.float() - expected.float()).abs().max().item()
     assert diff <= rel * scale, f"max abs diff {diff:.3g} > {rel} x {scale:.3g}"
 
+
+
+# tests that load the real default model, start vLLM, a server, JupyterLab or a browser
+_HEAVY_FIXTURES = {"default_model", "vllm_model", "any_model", "http_server", "lab", "browser"}
+_HEAVY_MODULES = {"test_notebooks", "test_browser", "test_vllm_notebook", "test_binder", "test_setup"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark the heavy tests ``integration``: ``make check`` runs the rest (``-m "not integration"``) in minutes."""
+    for item in items:
+        module = item.module.__name__.rsplit(".", 1)[-1] if item.module else ""
+        if _HEAVY_FIXTURES & set(getattr(item, "fixturenames", ())) or module in _HEAVY_MODULES:
+            item.add_marker(pytest.mark.integration)
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -208,8 +208,6 @@ async def test_errors_carry_status_and_detail(client, call, status, match):
 
 async def test_logits_indices_are_python_slice_bounds(client, default_model):
     """``end_idx`` past the end clamps (as ``list[:10**5]`` does) and negative bounds count from the end."""
-    import torch
-
     from workbench.features.inspection import _render
 
     ids = _render(default_model, HELLO)

@@ -55,7 +55,7 @@ async def test_two_streams_advance_together(tiny):
     log = []
 
     async def consume(name, spec):
-        async for chunk in tiny.stream_chat([{"role": "user", "content": "Tell me a story"}], params, steering=spec):
+        async for _chunk in tiny.stream_chat([{"role": "user", "content": "Tell me a story"}], params, steering=spec):
             log.append(name)
 
     before = tiny.stats["decode_passes"]

@@ -62,7 +62,7 @@ async def longest_stall(coro) -> tuple[object, float]:
 
 async def test_property_inside_a_running_loop_raises_a_clear_error(fresh):
     with pytest.raises(wb.ValidationError, match=r"await model\.load_features\(\)"):
-        fresh.features
+        _ = fresh.features
     assert fresh.load_calls == []   # nothing started behind the caller's back
 
 
@@ -108,7 +108,7 @@ def test_http_request_before_features_load_does_not_block_the_server(fresh):
     for url in serve_in_thread(create_app(fresh, load_features=False)):
         name = httpx.get(f"{url}/v1/models").json()["data"][0]["id"]
         box = {}
-        search = threading.Thread(target=lambda: box.setdefault("r", httpx.post(
+        search = threading.Thread(target=lambda box=box, url=url, name=name: box.setdefault("r", httpx.post(
             f"{url}/v1/features/search", json={"query": "stand-in", "model_name": name, "top_k": 1}, timeout=30)))
         search.start()
         while not fresh.load_calls:
@@ -125,6 +125,6 @@ def test_http_request_before_features_load_does_not_block_the_server(fresh):
 def test_server_loads_features_before_it_accepts_requests(fresh):
     from workbench.server import create_app
 
-    for url in serve_in_thread(create_app(fresh)):
+    for _url in serve_in_thread(create_app(fresh)):
         assert len(fresh.load_calls) == 1                 # during start-up, before the first request
         assert [f.id for f in fresh.features] == ["concept/stand-in"] and len(fresh.load_calls) == 1

@@ -207,7 +207,7 @@ def sample_token(logits: torch.Tensor, params: SamplingParams, generator, seen_i
     if params.repetition_penalty != 1.0 and seen_ids is not None and seen_ids.numel():
         picked = logits[seen_ids]
         logits[seen_ids] = torch.where(picked > 0, picked / params.repetition_penalty, picked * params.repetition_penalty)
-    if (params.presence_penalty or params.frequency_penalty) and generated:
+    if (params.presence_penalty or params.frequency_penalty) and output_ids is not None and generated:
         counts = torch.bincount(output_ids, minlength=logits.numel())[: logits.numel()].to(logits.dtype)
         logits -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).to(logits.dtype)
     if params.greedy:

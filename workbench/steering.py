@@ -16,7 +16,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Union
+from typing import Any, Iterable, Union
 
 import torch
 
@@ -187,6 +187,14 @@ class SAEClampSpec:
 
 SteeringOp = Union[AddSpec, ProjectionCapSpec, AblationSpec, SAEClampSpec]
 _OP_KINDS = {"add": AddSpec, "projection_cap": ProjectionCapSpec, "ablation": AblationSpec, "sae_clamp": SAEClampSpec}
+
+
+def op_kind(op) -> str:
+    """The wire name of an op: ``"add"``, ``"projection_cap"``, ``"ablation"`` or ``"sae_clamp"``."""
+    for kind, cls in _OP_KINDS.items():
+        if isinstance(op, cls):
+            return kind
+    raise ValidationError(f"unknown steering op {type(op).__name__}")
 _KIND_OF = {v: k for k, v in _OP_KINDS.items()}
 
 
@@ -231,7 +239,7 @@ class LayerSteeringSpec:
     def __eq__(self, other) -> bool:
         return isinstance(other, LayerSteeringSpec) and self.operations == other.operations
 
-    __hash__ = None  # mutable, like the dataclass it replaces
+    __hash__ = None  # type: ignore[assignment]  # mutable, like the dataclass it replaces
 
     def _chatspace_form(self) -> dict | None:
         """``{kind: op}`` when the ops fit chatspace's one-slot-per-kind layer, else None."""
@@ -275,7 +283,7 @@ class SteeringSpec:
 
     layers: dict = field(default_factory=dict)
     # steer only when a probe crosses a threshold (``workbench.monitor.Condition``); None: always
-    condition: object = None
+    condition: Any = None
 
     def __post_init__(self):
         if self.condition is not None:
@@ -472,7 +480,7 @@ _CANONICAL = (AddSpec, ProjectionCapSpec, AblationSpec)
 def merge_specs(*specs: "SteeringSpec") -> "SteeringSpec":
     """One spec applying each given spec's ops in turn at every layer (in argument order)."""
     layers: dict[int, list] = {}
-    conditions = []
+    conditions: list = []
     for spec in specs:
         if spec is None:
             continue

@@ -12,6 +12,7 @@ import itertools
 import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
 
 import torch
 
@@ -124,6 +125,48 @@ class _Result:
     deltas: list = field(default_factory=list)  # ProjectionEvents, in order
 
 
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend can do. A request that needs anything else is refused when it is made (a
+    ``ValidationError`` from ``chat``/``generate``/``apply_steering_spec``...), never inside the engine.
+
+    >>> model.capabilities.ops          # doctest: +SKIP
+    frozenset({'add', 'projection_cap', 'ablation'})
+    """
+
+    ops: frozenset = frozenset({"add", "projection_cap", "ablation", "sae_clamp"})  # steering op kinds it applies
+    monitor: bool = True        # probes read while the model talks (``monitor=``)
+    conditions: bool = True     # conditional specs (``SteeringSpec.condition``)
+    capture: bool = True        # residual-stream capture (``capture_layers=``)
+    logprobs: bool = True
+    encode_only: bool = False   # a forward over the prompt without sampling (``encode``)
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """The engine contract: what a backend implements under :class:`SteerModel`'s public API.
+
+    ``_submit(request)`` takes a :class:`Request` and, from any thread, ``request.emit``s its
+    events in order: ``ProjectionEvent``s (when ``request.watched``) and ``TokenEvent``s as the
+    request runs, then one ``FinishEvent`` or one ``ErrorEvent``. ``_cancel(request)`` stops it (no
+    event needed after). ``close()`` stops the engine and fails what still runs with ``EngineError``.
+    Everything else (rendering, validation, steering stacks, sampling options, API) is shared.
+    ``tests/test_engine_contract.py`` checks both backends against this.
+    """
+
+    backend: str
+    capabilities: Capabilities
+    hidden_size: int
+    layer_count: int
+    max_model_len: int
+
+    def _submit(self, request: Request) -> None: ...
+
+    def _cancel(self, request: Request) -> None: ...
+
+    def close(self) -> None: ...
+
+
 class SteerModel:
     """A language model with per-request and global steering, capture, chat and streaming.
 
@@ -136,6 +179,7 @@ class SteerModel:
     """
 
     backend: str = "base"
+    capabilities: Capabilities = Capabilities()
 
     def __init__(self, model_name: str, tokenizer, hidden_size: int, layer_count: int, max_model_len: int):
         self.model_name = model_name
@@ -184,7 +228,7 @@ class SteerModel:
         items = list(steering) if isinstance(steering, (list, tuple)) else [steering] * n
         if len(items) != n:
             raise ValidationError(f"got {len(items)} steering specs for {n} prompts; pass one spec or one per prompt")
-        out = []
+        out: list[SteeringSpec | None] = []
         for spec in items:
             if spec is None:
                 out.append(None)
@@ -195,8 +239,24 @@ class SteerModel:
                 spec = SteeringSpec.from_dict(spec)
             if not isinstance(spec, SteeringSpec):
                 raise ValidationError(f"steering must be a SteeringSpec (or None for the global spec), got {type(spec).__name__}")
-            out.append(spec.validate(self.hidden_size, self.layer_count))
+            out.append(self.check_spec(spec.validate(self.hidden_size, self.layer_count)))
         return out
+
+    def check_spec(self, spec: SteeringSpec) -> SteeringSpec:
+        """Refuse a spec this backend cannot apply (see ``capabilities``); return it."""
+        from ..steering import op_kind
+
+        caps = self.capabilities
+        for layer in spec.layer_indices():
+            for op in spec.layers[layer].operations:
+                kind = op_kind(op)
+                if kind not in caps.ops:
+                    raise ValidationError(
+                        f"the {self.backend} backend cannot apply {type(op).__name__} (layer {layer}); it applies "
+                        f"{sorted(caps.ops)}. Load the model with backend='hf' for {kind} ops")
+        if spec.condition is not None and not caps.conditions:
+            raise ValidationError(f"the {self.backend} backend does not run conditional specs")
+        return spec
 
     def _check_prompt_ids(self, ids: list, what: str) -> list:
         if not ids:
@@ -236,6 +296,8 @@ class SteerModel:
 
         if monitor is None:
             return []
+        if not self.capabilities.monitor:
+            raise ValidationError(f"the {self.backend} backend does not monitor (monitor=)")
         items = [monitor] if isinstance(monitor, str) else monitor
         if isinstance(items, (list, tuple)) and any(isinstance(i, str) for i in items):
             await self.load_features()
@@ -492,7 +554,7 @@ class SteerModel:
             for pid, spec in zip(ids, specs):
                 req = self._new_request(pid, SamplingParams(temperature=0.0, max_tokens=1),
                                         self._global if spec is None else spec, capture)
-                req.encode_only = self.supports_encode_only
+                req.encode_only = self.capabilities.encode_only
                 requests.append(req)
             results = await asyncio.gather(*(self._run(r) for r in requests))
         await self._materialize(results)
@@ -501,7 +563,10 @@ class SteerModel:
     async def _materialize(self, results: list) -> None:
         """Backends whose captures live elsewhere (vLLM's workers) fetch them here, in one round trip."""
 
-    supports_encode_only = False  # backends that can run a forward without sampling set this
+    @property
+    def supports_encode_only(self) -> bool:
+        """Whether ``encode`` runs a forward without sampling (``capabilities.encode_only``)."""
+        return self.capabilities.encode_only
 
     async def next_token_logits(self, prompt, *, steering=None) -> torch.Tensor:
         """``[vocab]`` float32 logits of the token after ``prompt`` (a string or token ids), with steering.
@@ -514,7 +579,7 @@ class SteerModel:
             req = self._new_request(ids, SamplingParams(temperature=0.0, max_tokens=1), self._global if spec is None else spec, ())
             req.want_logits = True
             result = await self._run(req)
-        return result.logits
+        return result.logits  # type: ignore[return-value]  # a want_logits request always has them
 
     # ------------------------------------------------------------------ features
     async def load_features(self):
@@ -552,7 +617,7 @@ class SteerModel:
             future.set_exception(exc)
             return
         if getattr(self, "_features", None) is None:   # a set assigned meanwhile wins
-            fs.model = self
+            fs.model = self  # type: ignore[assignment]
             self._features = fs
         self.__dict__.pop("_features_future", None)
         future.set_result(self._features)
@@ -608,7 +673,7 @@ class SteerModel:
     async def _edit(self, layer_idx: int, op, kind) -> None:
         self.check_layer(layer_idx, "layer_idx")
         if op is not None:
-            SteeringSpec(layers={layer_idx: [op]}).validate(self.hidden_size, self.layer_count)
+            self.check_spec(SteeringSpec(layers={layer_idx: [op]}).validate(self.hidden_size, self.layer_count))
         async with self._rw.writing():
             self._global = replace_op(self._global, layer_idx, op, kind)
 

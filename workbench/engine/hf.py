@@ -26,7 +26,7 @@ from ..outputs import logprob_dict
 from ..sampling import make_generator, sample_token, token_logprobs
 from ..steering import AddSpec, SteeringSpec
 from ..monitor import ConditionState, probe_tables, probe_values
-from .base import ErrorEvent, FinishEvent, ProjectionEvent, Request, SteerModel, TokenEvent, request_failed
+from .base import Capabilities, ErrorEvent, FinishEvent, ProjectionEvent, Request, SteerModel, TokenEvent, request_failed
 from .detok import TextStream, token_step
 from .prefix_cache import PrefixCache
 
@@ -70,7 +70,7 @@ class HFSteerModel(SteerModel):
     """``SteerModel`` on transformers (see :class:`workbench.engine.base.SteerModel` for the API)."""
 
     backend = "hf"
-    supports_encode_only = True
+    capabilities = Capabilities(encode_only=True)
 
     def __init__(self, hf_model, tokenizer, model_name: str, max_model_len: int | None = None, max_batch_size: int = 64,
                  prefix_cache_mb: float = 256):
@@ -288,7 +288,7 @@ class HFSteerModel(SteerModel):
             data = []
             for layer in range(self.layer_count):
                 ks, vs = [], []
-                for n, kv in hits:
+                for _, kv in hits:
                     k, v = kv[layer] if kv is not None else self._empty_kv(layer)
                     ks.append(_lpad(k, wp))
                     vs.append(_lpad(v, wp))

@@ -52,7 +52,7 @@ from ..models import canonical_name
 from ..steering import AblationSpec, AddSpec, ProjectionCapSpec, SteeringSpec
 from ..outputs import Logprob
 from ..monitor import MAX_PROBES
-from .base import ErrorEvent, FinishEvent, ProjectionEvent, Request, SteerModel, TokenEvent, request_failed
+from .base import Capabilities, ErrorEvent, FinishEvent, ProjectionEvent, Request, SteerModel, TokenEvent, request_failed
 from .detok import TextStream, token_step
 from .vllm_worker import CONFIG_KEY, shm_file
 
@@ -240,6 +240,8 @@ class VLLMSteerModel(SteerModel):
     """
 
     backend = "vllm"
+    # an SAE clamp (encode, clamp, decode) is not one of the workers' op positions: refused at input
+    capabilities = Capabilities(ops=frozenset({"add", "projection_cap", "ablation"}))
 
     def __init__(self, cfg: VLLMSteeringConfig | str | None = None, *, bootstrap_layers=None,
                  enforce_eager: bool | None = None, device=None, max_batch_size: int = 64,
@@ -288,7 +290,7 @@ class VLLMSteerModel(SteerModel):
                 f"use a divisor of {heads}")
         max_model_len = int(cfg.max_model_len or getattr(hf_config, "max_position_embeddings", 2048))
         tokenizer = AutoTokenizer.from_pretrained(str(path))
-        layer_count = int(getattr(hf_config, "num_hidden_layers"))
+        layer_count = int(hf_config.num_hidden_layers)
         super().__init__(model_name or canonical_name(cfg.model_name), tokenizer, hf_config.hidden_size, layer_count,
                          max_model_len)
         self.cfg = cfg
@@ -573,7 +575,7 @@ class VLLMSteerModel(SteerModel):
         if releases:
             engine.collective_rpc("wb_release", args=(releases,))
         waiting = []
-        for i, req in enumerate(pending):
+        for req in pending:
             if req.cancelled:
                 continue
             if waiting or not self._admit(engine, req):

@@ -451,7 +451,7 @@ class WorkbenchWorker:
                 results.setdefault(id(item[0]), []).append((table[0], vals[at:at + n]))
                 at += n
         write = self._wb_board is not None and self._wb_rank() == 0
-        for w, offset, n, start, rid, steered in watched:
+        for w, offset, n, start, _rid, steered in watched:
             if w.cond is not None:
                 cap = self._wb_layers[w.cond_layer].wb_cap
                 w.cond.update(start, probe_values(cap[offset:offset + n], w.cond_table)[:, 0].to("cpu"))
