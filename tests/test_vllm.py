@@ -196,7 +196,7 @@ def test_capture_memory_does_not_grow_over_a_thousand_captured_requests(backend,
     vLLM +19 MiB); keeping even 5 % of the captured rows would add about 90 MiB."""
     import psutil
 
-    from workbench.engine.vllm_worker import _trim
+    from workbench.engine.vllm.shm import trim as _trim
 
     model = vllm_model if backend == "vllm" else default_model
     chats = [[{"role": "user", "content": f"Count to {i % 50}."}] for i in range(100)]
@@ -336,7 +336,7 @@ def test_a_request_whose_steering_overflows_fails_alone(backend, vllm_model, def
 def test_a_request_whose_output_handling_raises_fails_alone(backend, vllm_model, default_model, monkeypatch):
     """A fault in one request's detokenization (injected: it trips on a stop string only that request has)."""
     from workbench.engine import hf as hf_engine
-    from workbench.engine import vllm as vllm_engine
+    from workbench.engine.vllm import engine as vllm_engine
 
     model = vllm_model if backend == "vllm" else default_model
     module = vllm_engine if backend == "vllm" else hf_engine

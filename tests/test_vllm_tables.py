@@ -12,8 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import workbench as wb
-from workbench.engine.vllm import _Slots, pack_spec
-from workbench.engine.vllm_worker import _assemble, apply_op_tables
+from workbench.engine.vllm.tables import Slots, pack_spec
+from workbench.engine.vllm.shm import assemble
+from workbench.opmath import apply_op_positions as apply_op_tables
 
 H = 16
 
@@ -79,7 +80,7 @@ def test_an_unused_position_leaves_the_stream_bit_for_bit_unchanged():
 
 
 def test_slots_are_shared_by_equal_specs_reused_when_idle_and_exhausted_when_busy():
-    slots = _Slots(3)  # slot 0 reserved: two usable
+    slots = Slots(3)  # slot 0 reserved: two usable
     assert slots.acquire("a") == (1, True)
     assert slots.acquire("a") == (1, False)
     assert slots.acquire("b") == (2, True)
@@ -93,10 +94,10 @@ def test_slots_are_shared_by_equal_specs_reused_when_idle_and_exhausted_when_bus
 
 def test_captured_chunks_assemble_by_position_and_a_gap_is_an_error():
     a, b = torch.ones(3, H), torch.full((2, H), 2.0)
-    out = _assemble([(0, a), (3, b), (3, b * 2)])  # a recomputed chunk (preemption) overwrites
+    out = assemble([(0, a), (3, b), (3, b * 2)])  # a recomputed chunk (preemption) overwrites
     assert out.shape == (5, H) and float(out[4, 0]) == 4.0
     with pytest.raises(RuntimeError, match="missing position 3"):
-        _assemble([(0, a), (4, b)])
+        assemble([(0, a), (4, b)])
 
 
 class _Layer:
@@ -110,13 +111,13 @@ def _worker(tmp_path, kv):
 
     import numpy as np
 
-    from workbench.engine.vllm import _FaultCounter
-    from workbench.engine.vllm_worker import WorkbenchWorker
+    from workbench.engine.vllm.shm import FaultCounter
+    from workbench.engine.vllm.worker import WorkbenchWorker
 
-    counter = _FaultCounter()
+    counter = FaultCounter()
     w = object.__new__(WorkbenchWorker)
     w._wb_layers = [_Layer(8) for _ in range(3)]
-    w._wb_store, w._wb_failed, w._wb_step, w._wb_check = {}, {}, [], None
+    w._wb_store, w._wb_failed, w._wb_step, w._wb_check, w._wb_watched = {}, {}, [], None, []
     w._wb_counts = {"failed": 0, "kv_scrubs": 0}
     w._wb_faults = np.memmap(counter.path, dtype=np.int64, mode="r+", shape=(1,))
     w.model_runner = types.SimpleNamespace(kv_caches=kv)
@@ -162,3 +163,44 @@ def test_a_capture_copy_that_raises_fails_only_the_captured_requests_and_does_no
         assert "r3" not in w._wb_failed
     finally:
         counter.close()
+
+
+def test_the_vllm_plugin_imports_only_the_worker_half():
+    """vLLM imports the entry point in every process: it must not pull in the engine, features or transformers."""
+    import subprocess
+    import sys
+
+    code = ("import sys, workbench.engine.vllm.plugin as p, workbench.engine.vllm.worker; "
+            "heavy = [m for m in ('transformers', 'workbench.engine.base', 'workbench.features', 'workbench.api', "
+            "'workbench.engine.vllm.engine', 'pandas') if m in sys.modules]; print(heavy)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "[]", out
+
+
+def test_vllm_versions_outside_the_tested_range_are_refused(monkeypatch):
+    from workbench.engine.vllm import _compat
+
+    monkeypatch.setattr(_compat, "version", lambda: "0.32.0+cpu")
+    assert _compat.check_version() is None
+    monkeypatch.setattr(_compat, "version", lambda: "0.40.1")
+    monkeypatch.delenv("WORKBENCH_VLLM_ANY_VERSION", raising=False)
+    with pytest.raises(wb.BackendUnavailableError, match="0.40.1.*tested range"):
+        _compat.check_version()
+    monkeypatch.setenv("WORKBENCH_VLLM_ANY_VERSION", "1")
+    assert "0.40.1" in _compat.check_version()
+
+
+def test_reference_ops_and_op_positions_share_one_math():
+    """A cap and an ablation packed as op positions give the reference ops' result exactly."""
+    g = torch.Generator().manual_seed(3)
+    H = 16
+    h = torch.randn(5, H, generator=g)
+    v = torch.randn(H, generator=g)
+    spec = wb.SteeringSpec({0: [wb.AddSpec(v, 0.5), wb.ProjectionCapSpec(v, min=-0.2, max=0.3), wb.AblationSpec(v, 0.25)]})
+    want = spec.layers[0].apply(h)
+    from workbench.engine.vllm.tables import unpack_slot
+
+    [entry] = pack_spec(spec, hidden=H, max_ops=2).values()
+    add, unit, par = unpack_slot(entry, 2, H)
+    got = apply_op_tables(h, add.expand(5, 2, H), unit.expand(5, 2, H), par.expand(5, 2, 3))
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)

@@ -20,6 +20,7 @@ from typing import Any, Iterable, Union
 
 import torch
 
+from . import opmath
 from .errors import LayerOutOfRangeError, ValidationError, VectorError
 
 
@@ -64,7 +65,7 @@ class AddSpec:
         self.scale = _finite_number(self.scale, "AddSpec.scale")
 
     def apply(self, h: torch.Tensor) -> torch.Tensor:
-        return h + self.scale * self.vector.to(h.device, h.dtype)
+        return opmath.add(h, self.scale * self.vector.to(h.device, h.dtype))
 
     def materialize(self) -> torch.Tensor:
         """The vector actually added, ``scale * vector`` (chatspace's name)."""
@@ -94,9 +95,7 @@ class ProjectionCapSpec:
             raise ValidationError(f"ProjectionCapSpec.min ({self.min}) must be <= max ({self.max})")
 
     def apply(self, h: torch.Tensor) -> torch.Tensor:
-        u = _unit(self.vector, h)
-        p = h @ u
-        return h + (p.clamp(min=self.min, max=self.max) - p).unsqueeze(-1) * u
+        return opmath.project(h, _unit(self.vector, h), lo=self.min, hi=self.max)
 
     def clone(self) -> "ProjectionCapSpec":
         return ProjectionCapSpec(vector=self.vector.clone(), min=self.min, max=self.max)
@@ -116,8 +115,7 @@ class AblationSpec:
         self.scale = _finite_number(self.scale, "AblationSpec.scale")
 
     def apply(self, h: torch.Tensor) -> torch.Tensor:
-        u = _unit(self.vector, h)
-        return h + ((self.scale - 1.0) * (h @ u)).unsqueeze(-1) * u
+        return opmath.project(h, _unit(self.vector, h), c=self.scale - 1.0)
 
     def clone(self) -> "AblationSpec":
         return AblationSpec(vector=self.vector.clone(), scale=self.scale)

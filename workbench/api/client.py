@@ -62,10 +62,34 @@ def _drop_none(d: dict) -> dict:
     return {k: v for k, v in d.items() if v is not None}
 
 
+def _probe_body(item) -> dict:
+    """A ``monitor`` entry: a feature id, a ``Feature``, a ``wb.Probe`` or a dict (as the server takes it)."""
+    if isinstance(item, (str, int)) and not isinstance(item, bool):
+        return {"feature": item}
+    if hasattr(item, "read_direction") and hasattr(item, "id"):   # a Feature of the server's set
+        return {"feature": item.id}
+    if hasattr(item, "to_dict") and hasattr(item, "vector"):      # a monitor.Probe
+        return item.to_dict()
+    return dict(item)
+
+
+def _condition_body(cond) -> dict:
+    if hasattr(cond, "probe") and hasattr(cond, "threshold"):     # a monitor.Condition
+        return {"probe": _probe_body(cond.probe), "threshold": cond.threshold, "mode": cond.mode, "above": cond.above,
+                "latch": cond.latch}
+    cond = dict(cond)
+    return {**cond, "probe": _probe_body(cond["probe"])} if "probe" in cond else cond
+
+
 # -- the calls: (path, response schema, body), shared by the async and the sync client ------------
 def _chat_body(model, messages, stream: bool, kwargs: dict) -> dict:
     name, ivs = _model_and_interventions(model, kwargs.pop("interventions", None))
     extra = _steering_dict(model, kwargs.pop("steering", None))
+    if kwargs.get("monitor") is not None:   # features, their ids, wb.Probe objects or dicts
+        monitor = kwargs["monitor"]
+        kwargs["monitor"] = [_probe_body(m) for m in ([monitor] if isinstance(monitor, (str, dict)) else monitor)]
+    if kwargs.get("condition") is not None:
+        kwargs["condition"] = _condition_body(kwargs["condition"])
     return _drop_none({"model": name, "messages": _messages(messages), "interventions": ivs, "stream": stream,
                        "steering": extra, **kwargs})
 

@@ -49,7 +49,42 @@ class Service:
         return spec
 
     async def _spec(self, req) -> SteeringSpec:
-        return await self.steering(req.interventions, req.steering)
+        spec = await self.steering(req.interventions, req.steering)
+        cond = getattr(req, "condition", None)
+        if cond is not None:
+            from ..monitor import Condition
+
+            if spec.condition is not None:
+                raise ValidationError("give the condition once: in `condition` or in the `steering` spec, not both")
+            probe = (await self._probes([cond.probe]))[0]
+            spec = SteeringSpec(spec.layers, condition=Condition(probe, cond.threshold, cond.mode, cond.above, cond.latch))
+            spec.validate(self.model.hidden_size, self.model.layer_count)
+        return spec
+
+    async def _probes(self, items) -> list:
+        """``monitor`` entries as ``monitor.Probe``s: a feature of the model's set, or a vector at a layer."""
+        from ..monitor import Probe
+
+        if not items:
+            return []
+        probes = []
+        for i, m in enumerate(items):
+            if (m.feature is None) == (m.vector is None):
+                raise ValidationError(f"monitor[{i}]: give a feature or a vector (with its layer), not both or neither")
+            if m.feature is not None:
+                feature = (await self.features()).get(m.feature)
+                probes.append(Probe.of(feature, name=m.name))
+            else:
+                if m.layer is None:
+                    raise ValidationError(f"monitor[{i}]: a vector needs its layer")
+                probes.append(Probe(m.name or f"vector{i}", m.layer, m.vector, m.bias, m.span, m.cosine))
+        return await self.model._probes(probes)   # layer range, vector size, distinct names
+
+    @staticmethod
+    def _projections(pr) -> s.ProjectionsBody | None:
+        if pr is None:
+            return None
+        return s.ProjectionsBody(**pr.to_dict())
 
     @staticmethod
     def _messages(messages) -> list[dict]:
@@ -86,14 +121,16 @@ class Service:
         name = self.check_model(req.model)
         messages = self._messages(req.messages)
         [out] = await self.model.chat(messages, self._sampling(req), steering=await self._spec(req),
-                                      chat_options=self._chat_options(req), raw_output=True)
+                                      chat_options=self._chat_options(req), raw_output=True,
+                                      monitor=await self._probes(req.monitor) or None)
         prompt = len(out.prompt_token_ids)
         completion = sum(len(c.token_ids) for c in out.outputs)  # OpenAI counts every choice's tokens
         return s.ChatCompletionResponse(
             **self._meta("chatcmpl"), model=name,
             choices=[s.ChatCompletionChoice(index=c.index, message=s.ChatCompletionMessage(content=c.text),
                                             finish_reason=c.finish_reason,
-                                            logprobs=self._logprobs(c, req.top_logprobs or 0) if req.logprobs else None)
+                                            logprobs=self._logprobs(c, req.top_logprobs or 0) if req.logprobs else None,
+                                            projections=self._projections(c.projections))
                      for c in out.outputs],
             usage=s.ChatCompletionUsage(prompt_tokens=prompt, completion_tokens=completion,
                                         total_tokens=prompt + completion),
@@ -121,17 +158,25 @@ class Service:
         spec = await self._spec(req)
         sampling = self._sampling(req)
         messages = self._messages(req.messages)
+        probes = await self._probes(req.monitor)
 
-        def chunk(delta: s.ChatCompletionDelta, finish=None):
-            return s.ChatCompletionChunk(**meta, model=name,
+        def chunk(delta: s.ChatCompletionDelta, finish=None, piece=None):
+            extra = {}
+            if piece is not None and piece.monitor_header is not None:
+                extra["monitor"] = s.MonitorHeader(**piece.monitor_header)
+            if piece is not None and piece.projections is not None:
+                d = piece.projections
+                extra["projections"] = s.ProjectionDeltaBody(start=d.start, values=d.values.tolist(), steered=d.steered)
+            return s.ChatCompletionChunk(**meta, model=name, **extra,
                                          choices=[s.ChatCompletionChunkChoice(index=0, delta=delta, finish_reason=finish)])
 
         yield chunk(s.ChatCompletionDelta(role="assistant", content=""))
-        async for piece in self.model.stream_chat(messages, sampling, steering=spec, chat_options=self._chat_options(req)):
+        async for piece in self.model.stream_chat(messages, sampling, steering=spec, chat_options=self._chat_options(req),
+                                                  monitor=probes or None):
             if piece.finish_reason is not None:
-                yield chunk(s.ChatCompletionDelta(), finish=piece.finish_reason)
-            elif piece.text:
-                yield chunk(s.ChatCompletionDelta(content=piece.text))
+                yield chunk(s.ChatCompletionDelta(), finish=piece.finish_reason, piece=piece)
+            elif piece.text or piece.projections is not None or piece.monitor_header is not None:
+                yield chunk(s.ChatCompletionDelta(content=piece.text), piece=piece)
 
     # -- features ------------------------------------------------------------------------------
     @staticmethod

@@ -145,6 +145,65 @@ def _error_text(exc: pydantic.ValidationError) -> str:
     return "; ".join(parts)
 
 
+class MonitorProbe(_Body):
+    """A direction to watch (workbench extension): a feature of the model's set, or a vector at a layer.
+
+    A feature reads as its activation (its read direction, bias and span); a vector as its plain
+    projection ``h . v / |v|`` (``cosine``: divided by ``|h|`` too).
+    """
+
+    name: Optional[str] = None
+    feature: Optional[Union[str, int]] = None
+    layer: Optional[int] = None
+    vector: Optional[list[float]] = None
+    bias: float = 0.0
+    span: float = 1.0
+    cosine: bool = False
+
+
+class ConditionBody(_Body):
+    """Steer only when ``probe`` crosses ``threshold``: on the prompt's mean (``mode="prompt"``) or per token."""
+
+    probe: MonitorProbe
+    threshold: float
+    mode: Literal["prompt", "token"] = "prompt"
+    above: bool = True
+    latch: bool = False
+
+
+class ProjectionsBody(_Body):
+    """Probe values at every position (prompt, then generated tokens fed back): ``values[position][probe]``."""
+
+    names: list[str]
+    layers: list[int]
+    values: list[list[float]]
+    token_ids: list[int]
+    tokens: list[str]
+    prompt_len: int
+    boundaries: list[int]              # the first token of each prompt message
+    roles: list[str]
+    steered: Optional[list[bool]] = None   # per position, for a conditional spec
+
+
+class ProjectionDeltaBody(_Body):
+    """Probe values of positions ``start .. start+len(values)-1`` (a stream chunk's part)."""
+
+    start: int
+    values: list[list[float]]
+    steered: Optional[list[bool]] = None
+
+
+class MonitorHeader(_Body):
+    """What a monitored stream's first chunk says about the prompt and the probes."""
+
+    names: list[str]
+    layers: list[int]
+    prompt_len: int
+    prompt_tokens: list[str]
+    boundaries: list[int]
+    roles: list[str]
+
+
 class ChatCompletionRequest(_Body):
     model: str
     messages: list[ChatMessage] = Field(..., min_length=1)
@@ -171,6 +230,9 @@ class ChatCompletionRequest(_Body):
     continue_final_message: bool = False
     # workbench extension: a whole SteeringSpec (SteeringSpec.to_dict()), applied after the interventions
     steering: Optional[dict] = None
+    # workbench extensions: watch directions while the model talks; steer only while a probe crosses a threshold
+    monitor: Optional[list[MonitorProbe]] = Field(None, max_length=16)
+    condition: Optional[ConditionBody] = None
 
 
 class ChatCompletionMessage(_Body):
@@ -202,6 +264,7 @@ class ChatCompletionChoice(_Body):
     finish_reason: Optional[str] = "stop"
     # OpenAI's {"content": [...]} when the request set logprobs=true (vllm-sdk reads it as a plain dict)
     logprobs: Optional[ChoiceLogprobs] = None
+    projections: Optional[ProjectionsBody] = None   # workbench extension: with monitor= or a condition
 
 
 class ChatCompletionUsage(_Body):
@@ -237,6 +300,9 @@ class ChatCompletionChunk(_Body):
     model: str
     choices: list[ChatCompletionChunkChoice]
     usage: Optional[ChatCompletionUsage] = None
+    # workbench extensions of monitored streams: the probes and prompt (first chunk), values computed since the last
+    monitor: Optional[MonitorHeader] = None
+    projections: Optional[ProjectionDeltaBody] = None
 
 
 class FeatureItem(_Body):

@@ -16,7 +16,6 @@ import atexit
 import threading
 import time
 import weakref
-from collections import deque
 from dataclasses import dataclass, field
 
 import torch
@@ -25,10 +24,12 @@ from ..errors import EngineError, NonFiniteActivationError
 from ..outputs import logprob_dict
 from ..sampling import make_generator, sample_token, token_logprobs
 from ..steering import AddSpec, SteeringSpec
+from .. import opmath
 from ..monitor import ConditionState, probe_tables, probe_values
-from .base import Capabilities, ErrorEvent, FinishEvent, ProjectionEvent, Request, SteerModel, TokenEvent, request_failed
+from .base import Capabilities, ErrorEvent, FinishEvent, ProjectionEvent, Request, TokenEvent, request_failed
 from .detok import TextStream, token_step
 from .prefix_cache import PrefixCache
+from .scheduler import ThreadedBackend
 
 
 @dataclass
@@ -66,7 +67,7 @@ class _StopForward(Exception):
     """Raised by the hook of the last layer an encode pass needs: the rest of the model is skipped."""
 
 
-class HFSteerModel(SteerModel):
+class HFSteerModel(ThreadedBackend):
     """``SteerModel`` on transformers (see :class:`workbench.engine.base.SteerModel` for the API)."""
 
     backend = "hf"
@@ -88,8 +89,7 @@ class HFSteerModel(SteerModel):
         self._pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self._eos or {0})
         self._pass: _Pass | None = None
         self._hooks = [layer.register_forward_hook(self._make_hook(i)) for i, layer in enumerate(layers)]
-        self._cond = threading.Condition()
-        self._pending: deque = deque()
+        self._init_queue()
         self._rows: list[_Row] = []
         self._cache = None
         self._mask = None
@@ -100,37 +100,14 @@ class HFSteerModel(SteerModel):
                       "prefix_hit_tokens": 0, "encode_passes": 0}
         self.prefix_cache = PrefixCache(int(prefix_cache_mb * 2**20)) if prefix_cache_mb > 0 else None
         self._kv_shape = None
-        self._thread = threading.Thread(target=self._loop, name=f"workbench-hf-{model_name}", daemon=True)
-        self._thread.start()
+        self._start_thread(self._loop, "hf")
         _LIVE.add(self)
 
-    # ------------------------------------------------------------------ SteerModel hooks
-    def _submit(self, request: Request) -> None:
-        with self._cond:
-            if self._closed:
-                request.emit(ErrorEvent(EngineError(f"{self!r} is closed; load the model again")))
-                return
-            self._pending.append(request)
-            self._cond.notify()
+    # ------------------------------------------------------------------ ThreadedBackend hooks
+    def _running_count(self) -> int:
+        return len(self._rows)
 
-    def _cancel(self, request: Request) -> None:
-        with self._cond:
-            request.cancelled = True
-            self._cond.notify()
-
-    @property
-    def active_requests(self) -> int:
-        """Requests queued or running in the scheduler (0 when idle)."""
-        with self._cond:
-            return len(self._pending) + len(self._rows)
-
-    def close(self) -> None:
-        with self._cond:
-            if self._closed:
-                return
-            self._closed = True
-            self._cond.notify_all()
-        self._thread.join(timeout=30)
+    def _after_close(self) -> None:
         for h in self._hooks:
             h.remove()
         self._cache = None
@@ -142,13 +119,8 @@ class HFSteerModel(SteerModel):
     def _loop(self) -> None:
         while True:
             with self._cond:
-                while not self._closed and not self._pending and not self._rows:
-                    self._cond.wait()
-                if self._closed:
-                    error = EngineError(f"{self!r} was closed while this request ran")
-                    for req in list(self._pending) + [r.req for r in self._rows]:
-                        req.emit(ErrorEvent(error))
-                    self._pending.clear()
+                if not self._wait_for_work(lambda: self._pending or self._rows):
+                    self._fail_on_close([r.req for r in self._rows])
                     self._rows = []
                     return
                 room = self.max_batch_size - len(self._rows)
@@ -582,7 +554,7 @@ def _close_all() -> None:
 def _apply_plan(hidden: torch.Tensor, plan) -> torch.Tensor:
     kind, data = plan
     if kind == "add":
-        return hidden + data
+        return opmath.add(hidden, data)
     if kind == "all":
         return _ops(hidden, data)
     hidden = hidden.clone()

@@ -181,7 +181,7 @@ async def feature_page(model, feature, corpus=None, *, top_n: int = 10, window: 
 
     decode = model.tokenizer.decode
     best, scored = [], []
-    for n, (source, index, group, ids, h) in enumerate(sources):
+    for n, (*_, h) in enumerate(sources):
         acts = fs.activations_of(feat, h).tolist()
         if len(acts) < 2:
             continue   # only the unscored first token

@@ -23,48 +23,32 @@ do not: a compiled graph never calls them). Each patched layer owns preallocated
   overflowed is reported (``wb_failures``) and ended by the kernel, alone.
 
 Tables are written between steps by ``collective_rpc`` (``WorkbenchWorker.wb_set_slot``); a slot is
-only rewritten when no running request uses it. The patch is a no-op unless the engine was started
-with ``additional_config={"workbench": {...}}``, so other users of vLLM in the same environment are
-unaffected. It is applied at import in every vLLM process through the ``vllm.general_plugins`` entry
-point (``register``).
+only rewritten when no running request uses it (see ``tables``). The patch is a no-op unless the
+engine was started with ``additional_config={"workbench": {...}}``, so other users of vLLM in the
+same environment are unaffected. It is applied in every vLLM process by the ``vllm.general_plugins``
+entry point (``plugin.register``), which imports this module and nothing heavier. Every vLLM
+internal used here goes through ``_compat``.
 """
 
 from __future__ import annotations
 
-import os
-import threading
-import time
-
 import numpy as np
 import torch
+
+from ...opmath import apply_op_positions
+from . import _compat
+from .shm import assemble, nbytes, ship
+from .shm import trim as trim_heap
 
 CONFIG_KEY = "workbench"
 _PATCHED: set = set()
 
-# Decoder layers that return (delta, residual) with the stream = their sum; more can be added here.
-_LAYER_CLASSES = (
-    ("vllm.model_executor.models.llama", "LlamaDecoderLayer"),
-    ("vllm.model_executor.models.qwen2", "Qwen2DecoderLayer"),
-    ("vllm.model_executor.models.qwen3", "Qwen3DecoderLayer"),
-)
-
-
-def register() -> None:
-    """vLLM general plugin: patch the decoder layers of this process; start the orphan watchdog."""
-    patch_decoder_layers()
-    _start_watchdog()
-
 
 def patch_decoder_layers() -> list[str]:
     """Wrap ``__init__`` and ``forward`` of the supported decoder layers (idempotent)."""
-    import importlib
-
     done = []
-    for module_name, class_name in _LAYER_CLASSES:
-        try:
-            cls = getattr(importlib.import_module(module_name), class_name)
-        except Exception:  # architecture not in this vLLM build
-            continue
+    for cls in _compat.layer_classes():
+        class_name = cls.__name__
         if cls in _PATCHED:
             done.append(class_name)
             continue
@@ -75,26 +59,19 @@ def patch_decoder_layers() -> list[str]:
     return done
 
 
-def _settings(vllm_config) -> dict | None:
-    extra = getattr(vllm_config, "additional_config", None) or {}
-    return extra.get(CONFIG_KEY) if isinstance(extra, dict) else None
-
-
 def _wrap_init(init):
     def __init__(self, vllm_config=None, prefix: str = "", *args, **kwargs):
         init(self, vllm_config, prefix, *args, **kwargs)
         self.wb_enabled = False
-        settings = _settings(vllm_config)
+        settings = _compat.settings(vllm_config, CONFIG_KEY)
         if settings is None:
             return
-        from vllm.model_executor.models.utils import extract_layer_index
-
         hidden = int(self.hidden_size)
         slots, ops, tokens = int(settings["slots"]), int(settings["ops"]), int(settings["tokens"])
         shared = _shared_slot_buffer(tokens)
-        self.wb_layer = extract_layer_index(prefix)
+        self.wb_layer = _compat.layer_index(prefix)
         self.wb_ops = ops
-        dtype = vllm_config.model_config.dtype
+        dtype = _compat.model_dtype(vllm_config)
         self.register_buffer("wb_slot", shared, persistent=False)
         self.register_buffer("wb_add", torch.zeros(slots, ops, hidden, dtype=torch.float32), persistent=False)
         self.register_buffer("wb_dir", torch.zeros(slots, ops, hidden, dtype=torch.float32), persistent=False)
@@ -127,7 +104,7 @@ def _wrap_forward(forward):
         n = stream.shape[0]
         h = stream.float() if stream.dtype != torch.float32 else stream
         slot = self.wb_slot[:n]
-        h = apply_op_tables(h, self.wb_add[slot], self.wb_dir[slot], self.wb_par[slot])
+        h = apply_op_positions(h, self.wb_add[slot], self.wb_dir[slot], self.wb_par[slot])
         stream = h.to(stream.dtype) if h.dtype != stream.dtype else h
         self.wb_cap[:n].copy_(stream)
         # the next layer (or the final norm) adds delta + residual: give it the stream and zero
@@ -136,40 +113,6 @@ def _wrap_forward(forward):
     return patched
 
 
-def apply_op_tables(h: torch.Tensor, add: torch.Tensor, unit: torch.Tensor, par: torch.Tensor) -> torch.Tensor:
-    """Apply per-token op positions: ``h [n,H]``, ``add``/``unit`` ``[n,M,H]``, ``par [n,M,3]`` (lo, hi, c).
-
-    Pure tensor code (no data-dependent Python), so it is traced into vLLM's compiled graph.
-    """
-    for j in range(add.shape[1]):
-        u = unit[:, j]
-        h = h + add[:, j]
-        p = (h * u).sum(dim=-1, keepdim=True)
-        q = torch.clamp(p, min=par[:, j, 0:1], max=par[:, j, 1:2])
-        h = h + (q - p + par[:, j, 2:3] * p) * u
-    return h
-
-
-# ---------------------------------------------------------------------------------------- watchdog
-def _start_watchdog() -> None:
-    """Exit when the process that started us is gone (a killed notebook kernel leaves no workers)."""
-    if os.environ.get("WORKBENCH_VLLM_WATCHDOG") != "1" or getattr(_start_watchdog, "started", False):
-        return
-    if os.environ.get("WORKBENCH_VLLM_KERNEL_PID") == str(os.getpid()):
-        return  # the kernel itself: only vLLM's own processes watch their parent
-    _start_watchdog.started = True
-    parent = os.getppid()
-
-    def watch():
-        while True:
-            time.sleep(0.5)
-            if os.getppid() != parent:
-                os._exit(0)
-
-    threading.Thread(target=watch, name="workbench-watchdog", daemon=True).start()
-
-
-# ---------------------------------------------------------------------------------------- worker side
 class WorkbenchWorker:
     """vLLM worker extension (``worker_extension_cls``): spec slots, per-step token map, captures."""
 
@@ -192,7 +135,7 @@ class WorkbenchWorker:
         self._wb_model = model
         self._wb_check = None      # (request ids, token counts) of a step with steered tokens
         self._wb_failed: dict = {}  # request id -> (kind, detail), until the kernel asks
-        settings = _settings(self.vllm_config) or {}
+        settings = _compat.settings(self.vllm_config, CONFIG_KEY) or {}
         path = settings.get("faults")
         self._wb_faults = np.memmap(path, dtype=np.int64, mode="r+", shape=(1,)) if path else None
         board = settings.get("board")
@@ -202,7 +145,9 @@ class WorkbenchWorker:
         self._wb_tables: dict = {}  # probe signature -> tables on the device, shared by requests
         self._wb_watched: list = []  # this step's watched requests: (watch, offset, n, start, rid, steered)
         if not getattr(runner, "_wb_wrapped", False):
-            _wrap_runner(runner, self)
+            _compat.wrap_runner(runner, lambda out, counts: self._wb_before(runner, out, counts),
+                                lambda: bool(self._wb_step or self._wb_check is not None or self._wb_watched),
+                                self._wb_after)
             runner._wb_wrapped = True
         return {"ok": True, "layers": len(layers), "slots": int(layers[0].wb_add.shape[0]),
                 "ops": int(layers[0].wb_ops), "tokens": int(self._wb_slot.shape[0]),
@@ -217,13 +162,12 @@ class WorkbenchWorker:
         Raw bytes, not tensors: RPC arguments are pickled again on their way from the engine core to
         the workers, and tensors decoded there are not picklable.
         """
+        from .tables import unpack_slot
+
         for layer in self._wb_layers:
             entry = tables.get(layer.wb_layer) if tables else None
             if entry is not None:
-                m, hidden = layer.wb_add.shape[1], layer.wb_add.shape[2]
-                flat = torch.frombuffer(bytearray(entry), dtype=torch.float32)
-                entry = (flat[:m * hidden].view(m, hidden), flat[m * hidden:2 * m * hidden].view(m, hidden),
-                         flat[2 * m * hidden:].view(m, 3))
+                entry = unpack_slot(entry, layer.wb_add.shape[1], layer.wb_add.shape[2])
             if entry is None:
                 layer.wb_add[slot].zero_()
                 layer.wb_dir[slot].zero_()
@@ -238,7 +182,7 @@ class WorkbenchWorker:
         return True
 
     def wb_fetch(self, keys, logits_at=None):
-        """Hand over (and forget) the captures of ``keys`` (see ``_ship`` for the reply's form).
+        """Hand over (and forget) the captures of ``keys`` (see ``ship`` for the reply's form).
 
         ``logits_at`` maps a key to a position: its last-layer row there goes through the final
         norm and the LM head, returned under ``"logits"``. (Tensors in RPC results would be turned
@@ -249,13 +193,13 @@ class WorkbenchWorker:
         if logits_at:
             last = len(self._wb_layers) - 1
             for key, pos in logits_at.items():
-                logits = self._wb_logits(_assemble(stores[key][last])[pos]) if last in stores.get(key, {}) else None
+                logits = self._wb_logits(assemble(stores[key][last])[pos]) if last in stores.get(key, {}) else None
                 if logits is not None:
                     extra[key] = {"logits": logits}
         if self._wb_rank() != 0:
             return None
-        reply = _ship(stores, extra)
-        self._wb_freed(sum(_nbytes(parts) for parts in stores.values()))
+        reply = ship(stores, extra)
+        self._wb_freed(sum(nbytes(parts) for parts in stores.values()))
         return reply
 
     def _wb_freed(self, nbytes: int) -> None:
@@ -263,21 +207,20 @@ class WorkbenchWorker:
         self._wb_unfreed = getattr(self, "_wb_unfreed", 0) + nbytes
         if self._wb_unfreed >= 256 * 2**20:
             self._wb_unfreed = 0
-            _trim()
+            trim_heap()
 
     def _wb_logits(self, row: torch.Tensor) -> torch.Tensor:
         model = self._wb_model
         dtype = self._wb_layers[0].wb_cap.dtype
         device = self._wb_layers[0].wb_cap.device
         with torch.inference_mode():
-            h = model.model.norm(row.to(device, dtype)[None])
-            logits = model.compute_logits(h)
+            logits = _compat.final_logits(model, row.to(device, dtype)[None])
         return logits[0].float().cpu() if logits is not None else None
 
     def wb_release(self, keys) -> int:
         """Forget the captures of ``keys`` (handles closed or garbage-collected unread)."""
         gone = [self._wb_store.pop(k, None) for k in keys]
-        self._wb_freed(sum(_nbytes(parts) for parts in gone if parts))
+        self._wb_freed(sum(nbytes(parts) for parts in gone if parts))
         return sum(g is not None for g in gone)
 
     def wb_failures(self) -> dict:
@@ -297,8 +240,8 @@ class WorkbenchWorker:
         """Capture memory held in this worker; ``trim`` returns free heap memory to the OS first."""
         if trim:
             self._wb_unfreed = 0
-            _trim()
-        held = sum(_nbytes(parts) for parts in self._wb_store.values())
+            trim_heap()
+        held = sum(nbytes(parts) for parts in self._wb_store.values())
         try:
             import psutil
 
@@ -310,12 +253,11 @@ class WorkbenchWorker:
 
     # ------------------------------------------------------------------ per step (called by the runner wrapper)
     def _wb_before(self, runner, scheduler_output, num_scheduled: np.ndarray) -> None:
-        for rid in getattr(scheduler_output, "finished_req_ids", ()) or ():
+        for rid in _compat.finished_ids(scheduler_output):
             self._wb_next.pop(rid, None)
             self._wb_watch.pop(rid, None)
-        batch = runner.input_batch
-        num_reqs = batch.num_reqs
-        req_ids = batch.req_ids[:num_reqs]
+        req_ids, computed = _compat.scheduled(runner)
+        num_reqs = len(req_ids)
         counts = np.asarray(num_scheduled[:num_reqs], dtype=np.int64)
         slots = np.zeros(num_reqs, dtype=np.int64)
         rids = []
@@ -324,15 +266,14 @@ class WorkbenchWorker:
         conditional = []  # (offset, n, per-token slots) of conditional specs
         offset = 0
         for i, rid in enumerate(req_ids):
-            state = runner.requests.get(rid)
-            extra = getattr(getattr(state, "sampling_params", None), "extra_args", None) or {}
+            extra, prompt_len = _compat.request_info(runner, rid)
             wb = extra.get(CONFIG_KEY)
             n = int(counts[i])
-            start = int(batch.num_computed_tokens_cpu[i])
+            start = int(computed[i])
             if start < self._wb_next.get(rid, 0):
                 self._wb_counts["recomputed"] += 1  # preempted and scheduled again from an earlier position
             self._wb_next[rid] = start + n
-            if start + n < int(getattr(state, "num_prompt_tokens", 0) or 0):
+            if start + n < prompt_len:
                 self._wb_counts["chunked"] += 1  # a prompt prefilled in more than one step
             rids.append(wb.get("rid", rid) if wb else rid)
             if wb:
@@ -401,7 +342,7 @@ class WorkbenchWorker:
 
     def _wb_new_watch(self, payload: dict) -> "_Watch":
         """A request's watch state from its ``extra_args`` payload (probe tables shared by signature)."""
-        from ..monitor import Condition, ConditionState, Probe, probe_tables
+        from ...monitor import Condition, ConditionState, Probe, probe_tables
 
         cap = self._wb_layers[0].wb_cap
         sig = payload.get("sig")
@@ -428,7 +369,7 @@ class WorkbenchWorker:
 
         Requests with the same probes are measured together: one matmul per layer and probe set.
         """
-        from ..monitor import probe_values
+        from ...monitor import probe_values
 
         groups: dict = {}  # (layer, id(table)) -> (table, [items])
         for item in watched:
@@ -486,7 +427,7 @@ class WorkbenchWorker:
         step the request still runs (until the kernel's abort arrives), so nothing is left behind.
         """
         seen = set()
-        stack = list(getattr(self.model_runner, "kv_caches", None) or [])
+        stack = _compat.kv_caches(self.model_runner)
         while stack:
             kv = stack.pop()
             if isinstance(kv, (list, tuple)):
@@ -524,123 +465,3 @@ class _Watch:
     def __init__(self, row, tables, count, cond, cond_table, cond_layer):
         self.row, self.tables, self.count = row, tables, count
         self.cond, self.cond_table, self.cond_layer = cond, cond_table, cond_layer
-
-
-def _ship(stores: dict, extra: dict) -> dict:
-    """Write fetched captures to one shared-memory file the kernel maps: ``{"file", "index"}``.
-
-    ``index[key][layer] = (shape, byte offset)``. The kernel is always on this machine (it started
-    these processes), so rows go straight from the step buffers into a mapped file in ``/dev/shm``
-    (one copy), not through vLLM's RPC pickling and msgpack. Per layer, the chunks of all keys are
-    concatenated in one call, which is what keeps fetching 30 layers x 32 requests fast.
-    """
-    index = {key: {} for key in stores}
-    plan, total = [], 0  # (layer, [(key, chunks)], offset, rows)
-    layers = sorted({layer for parts in stores.values() for layer in parts})
-    for layer in layers:
-        members = [(key, parts[layer]) for key, parts in stores.items() if layer in parts]
-        rows = 0
-        for key, chunks in members:
-            n = _positions(chunks)
-            hidden = chunks[0][1].shape[1]
-            index[key][layer] = ((n, hidden), total + rows * hidden * 4)
-            rows += n
-        plan.append((layer, members, total, rows, hidden))
-        total += rows * hidden * 4
-    for key, parts in extra.items():
-        for name, t in parts.items():
-            index.setdefault(key, {})[name] = (tuple(t.shape), total)
-            plan.append((name, [(key, [(0, t.reshape(1, -1))])], total, 1, t.numel()))
-            total += t.numel() * 4
-    if total == 0:
-        return {"file": None, "index": index}
-    path = shm_file("workbench-capture-", ".f32", total)
-    mapped = torch.from_file(path, shared=True, size=total // 4, dtype=torch.float32)
-    for _, members, offset, rows, width in plan:
-        target = mapped[offset // 4: offset // 4 + rows * width].view(rows, width)
-        if all(_in_order(chunks) for _, chunks in members):
-            torch.cat([t for _, chunks in members for _, t in chunks], out=target)
-        else:
-            at = 0
-            for _, chunks in members:
-                block = _assemble(chunks)
-                target[at:at + block.shape[0]] = block
-                at += block.shape[0]
-    del mapped
-    return {"file": path, "index": index}
-
-
-def shm_file(prefix: str, suffix: str, size: int) -> str:
-    """A new file of ``size`` zero bytes in shared memory (``/dev/shm``; the temp folder elsewhere)."""
-    import tempfile
-
-    folder = "/dev/shm" if os.path.isdir("/dev/shm") else None
-    fd, path = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=folder)
-    os.ftruncate(fd, size)
-    os.close(fd)
-    return path
-
-
-def _in_order(chunks) -> bool:
-    expected = 0
-    for start, rows in chunks:
-        if start != expected:
-            return False
-        expected += rows.shape[0]
-    return True
-
-
-def _nbytes(parts: dict) -> int:
-    """Bytes held by one request's captured chunks (``{layer: [(start, rows)]}``)."""
-    return sum(rows.numel() * rows.element_size() for chunks in parts.values() for _, rows in chunks)
-
-
-def _positions(chunks) -> int:
-    return max(start + rows.shape[0] for start, rows in chunks)
-
-
-def _trim() -> None:
-    """Give freed capture memory back to the OS (glibc keeps it in its arenas otherwise)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except Exception:  # not glibc: nothing to do
-        pass
-
-
-def _assemble(parts) -> torch.Tensor:
-    """Rows by position; a recomputed position (after preemption) overwrites the earlier copy."""
-    if _in_order(parts):  # the usual case: chunks in order, each where the last one ended
-        return torch.cat([rows for _, rows in parts])
-    end = _positions(parts)
-    out = torch.empty(end, parts[0][1].shape[1], dtype=torch.float32)
-    seen = torch.zeros(end, dtype=torch.bool)
-    for start, rows in parts:
-        out[start:start + rows.shape[0]] = rows
-        seen[start:start + rows.shape[0]] = True
-    if not bool(seen.all()):
-        first = int((~seen).nonzero()[0])
-        raise RuntimeError(f"workbench: capture is missing position {first} of {end}")
-    return out
-
-
-def _wrap_runner(runner, worker: WorkbenchWorker) -> None:
-    """Wrap the model runner's input preparation (token map) and step (capture copy-out)."""
-    prepare = runner._prepare_inputs
-    execute = runner.execute_model
-
-    def _prepare_inputs(scheduler_output, num_scheduled_tokens, *args, **kwargs):
-        out = prepare(scheduler_output, num_scheduled_tokens, *args, **kwargs)
-        worker._wb_before(runner, scheduler_output, num_scheduled_tokens)
-        return out
-
-    def execute_model(*args, **kwargs):
-        try:
-            return execute(*args, **kwargs)
-        finally:
-            if worker._wb_step or worker._wb_check is not None or worker._wb_watched:
-                worker._wb_after()
-
-    runner._prepare_inputs = _prepare_inputs
-    runner.execute_model = execute_model

