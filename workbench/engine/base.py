@@ -44,6 +44,7 @@ class Request:
     encode_only: bool = False  # one forward over the prompt, no sampling (see SteerModel.encode)
     want_logits: bool = False  # report the next-token logits after the prompt
     probes: list = field(default_factory=list)  # monitor.Probe list: values per position (ProjectionEvent)
+    live_projections: bool = False  # a stream: report values as they are computed (else a backend may wait to the end)
 
     @property
     def condition(self):
@@ -506,6 +507,7 @@ class SteerModel:
 
         async with self._rw.reading():
             request = self._new_request(rendered.token_ids, sampling, self._global if spec is None else spec, (), probes)
+            request.live_projections = True
             header = None
             if request.watched:
                 header = {"names": [p.name for p in probes], "layers": [p.layer for p in probes],

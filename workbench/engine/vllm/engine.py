@@ -611,14 +611,9 @@ class VLLMSteerModel(ThreadedBackend):
         completion = out.outputs[0] if out.outputs else None
         params = live.req.sampling
         steps = getattr(completion, "logprobs", None) if params.logprobs is not None else None
-        if live.board_row is not None and completion is not None and completion.token_ids:
+        if live.board_row is not None and live.req.live_projections and completion is not None and completion.token_ids:
             # the step fed every position before its last new token (that one is fed in the next step)
-            computed = len(live.req.prompt_ids) + len(live.out_ids) + len(completion.token_ids) - 1
-            if computed > live.reported:
-                values, steered = self._board.read(live.board_row, live.reported, computed, len(live.req.probes),
-                                                   live.req.condition is not None)
-                live.req.emit(ProjectionEvent(live.reported, values, steered))
-                live.reported = computed
+            self._report_projections(live, len(live.req.prompt_ids) + len(live.out_ids) + len(completion.token_ids) - 1)
         for j, token in enumerate(completion.token_ids if completion is not None else ()):
             if params.logprobs is not None:  # detokenize=False: vLLM sends no token texts, decode them here
                 live.logprobs = live.logprobs if live.logprobs is not None else []
@@ -642,6 +637,14 @@ class VLLMSteerModel(ThreadedBackend):
                 engine.abort_request([live.vid])
             self._finish(live, engine)
 
+    def _report_projections(self, live: _Live, computed: int) -> None:
+        """Emit the board's values of ``live``'s positions ``reported .. computed-1`` (a mapped read)."""
+        if computed > live.reported:
+            values, steered = self._board.read(live.board_row, live.reported, computed, len(live.req.probes),
+                                               live.req.condition is not None)
+            live.req.emit(ProjectionEvent(live.reported, values, steered))
+            live.reported = computed
+
     def _finish(self, live: _Live, engine) -> None:
         """Forget a live request; report its result (``engine=None``: it was cancelled)."""
         self._live.pop(live.vid, None)
@@ -654,6 +657,8 @@ class VLLMSteerModel(ThreadedBackend):
             if live.capture_key:
                 self._releases.append(live.capture_key)
             return
+        if live.board_row is not None:  # what a non-streamed request waited for (streams are up to date)
+            self._report_projections(live, len(live.req.prompt_ids) + len(live.out_ids) - 1)
         captures, logits = {}, None
         if live.capture_key:
             if live.req.want_logits:

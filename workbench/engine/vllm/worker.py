@@ -371,12 +371,12 @@ class WorkbenchWorker:
         """
         from ...monitor import probe_values
 
+        write = self._wb_board is not None and self._wb_rank() == 0
+        board = self._wb_board
         groups: dict = {}  # (layer, id(table)) -> (table, [items])
         for item in watched:
-            w = item[0]
-            for layer, table in w.tables.items():
+            for layer, table in item[0].tables.items():
                 groups.setdefault((layer, id(table)), (table, []))[1].append(item)
-        results: dict = {}  # id(watch) -> [(columns, values [n, k])]
         for (layer, _), (table, items) in groups.items():
             cap = self._wb_layers[layer].wb_cap
             if len(items) == 1:
@@ -385,25 +385,17 @@ class WorkbenchWorker:
             else:
                 index = torch.cat([torch.arange(o, o + n) for _, o, n, _, _, _ in items]).to(cap.device)
                 rows = cap.index_select(0, index)
-            vals = probe_values(rows, table).to("cpu", torch.float32)
-            at = 0
-            for item in items:
-                n = item[2]
-                results.setdefault(id(item[0]), []).append((table[0], vals[at:at + n]))
-                at += n
-        write = self._wb_board is not None and self._wb_rank() == 0
-        for w, offset, n, start, _rid, steered in watched:
-            if w.cond is not None:
-                cap = self._wb_layers[w.cond_layer].wb_cap
-                w.cond.update(start, probe_values(cap[offset:offset + n], w.cond_table)[:, 0].to("cpu"))
-            if not write:
-                continue
-            line = np.zeros((n, self._wb_board.shape[2]), dtype=np.float32)
-            for cols, vals in results.get(id(w), ()):
-                line[:, cols] = vals.numpy()
-            if steered is not None:
-                line[:, -1] = steered
-            self._wb_board[w.row, start:start + n] = line
+            vals = probe_values(rows, table).to("cpu", torch.float32).numpy()
+            if write:  # one scatter for the whole group: (board row, position) x probe columns
+                r, p = _board_index(items)
+                board[r[:, None], p[:, None], np.asarray(table[0])[None, :]] = vals
+        conditional = [item for item in watched if item[0].cond is not None]
+        for w, offset, n, start, _rid, _steered in conditional:
+            cap = self._wb_layers[w.cond_layer].wb_cap
+            w.cond.update(start, probe_values(cap[offset:offset + n], w.cond_table)[:, 0].to("cpu"))
+        if write and conditional:
+            r, p = _board_index(conditional)
+            board[r, p, board.shape[2] - 1] = np.concatenate([np.asarray(item[5], dtype=np.float32) for item in conditional])
 
     def _wb_check_finite(self, rids: list, counts: np.ndarray) -> None:
         """Report the requests with an inf/NaN in the last layer's stream this step (the logits would be NaN)."""
@@ -455,6 +447,13 @@ class WorkbenchWorker:
             for key, _, _, n, start, _ in items:
                 self._wb_store.setdefault(key, {}).setdefault(layer, []).append((start, rows[at:at + n]))
                 at += n
+
+
+def _board_index(items) -> tuple:
+    """Board row and position of every position of ``items`` (watched step items), as index arrays."""
+    rows = np.concatenate([np.full(n, w.row) for w, _, n, _, _, _ in items])
+    positions = np.concatenate([np.arange(start, start + n) for _, _, n, start, _, _ in items])
+    return rows, positions
 
 
 class _Watch:
