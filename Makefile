@@ -81,6 +81,7 @@ bench: $(VENV)/.vllm-stamp
 	$(PY) benchmarks/load_test.py --seconds 120 --clients 32
 	$(PY) benchmarks/vllm_bench.py
 	$(PY) benchmarks/monitor_bench.py
+	$(PY) benchmarks/lens_bench.py
 
 serve: setup
 	$(VENV)/bin/workbench serve $(SERVE_ARGS)

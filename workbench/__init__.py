@@ -39,6 +39,7 @@ _LAZY = {
     "SamplingParams": ".sampling",
     "strength_sweep": ".sweep",
     **{name: ".monitor" for name in ("Probe", "Condition", "Projections", "ProjectionDelta")},
+    **{name: ".lens" for name in ("logit_lens", "direction_tokens", "LogitLens", "DirectionTokens")},
     **{name: ".outputs" for name in ("RequestOutput", "CompletionOutput", "Logprob")},
     **{name: ".evaluation" for name in ("evaluate_steering", "best_steering", "OfflineJudge", "OpenAIJudge")},
     **{name: ".steering" for name in ("AblationSpec", "AddSpec", "LayerSteeringSpec", "ProjectionCapSpec", "SAEClampSpec",
@@ -54,6 +55,7 @@ __all__ = [
     "SteeringStackEmptyError", "StreamChunk", "VLLMSteerModel", "VLLMSteeringConfig", "ValidationError", "VectorError", "WorkbenchError", "load",
     "resolve_model", "strength_sweep", "evaluate_steering", "best_steering", "OfflineJudge", "OpenAIJudge",
     "RequestOutput", "CompletionOutput", "Logprob", "Probe", "Condition", "Projections", "ProjectionDelta",
+    "logit_lens", "direction_tokens", "LogitLens", "DirectionTokens",
     *sorted(set(_SDK_SCHEMAS) - {"InterventionSpec"}),
 ]
 

@@ -128,6 +128,20 @@ def _feature_page(feature, model, corpus, top_n, window, bins, include_library):
         "include_library": include_library}
 
 
+def _logit_lens(messages, model, layers, top_k, steering):
+    name, ivs = _model_and_interventions(model)
+    return "/v1/lens/logit", s.LogitLensResponse, {"model": name, "messages": _messages(messages), "layers": layers,
+                                                    "top_k": top_k, "interventions": ivs,
+                                                    "steering": _steering_dict(model, steering)}
+
+
+def _direction_tokens(model, feature, vector, top_k):
+    name, _ = _model_and_interventions(model)
+    fid = feature.get("id") if isinstance(feature, dict) else getattr(feature, "id", feature)
+    vec = None if vector is None else [float(x) for x in (vector.tolist() if hasattr(vector, "tolist") else vector)]
+    return "/v1/lens/direction", s.DirectionTokensResponse, {"model": name, "feature": fid, "vector": vec, "top_k": top_k}
+
+
 def _best_steering(feature, model, prompts, layers, strengths, repetition_penalties, max_tokens):
     name, _ = _model_and_interventions(model)
     fid = feature.get("id") if isinstance(feature, dict) else getattr(feature, "id", feature)
@@ -275,6 +289,22 @@ class _Features:
         return await self._call(_token_activations(messages, model, features, interventions, steering))
 
 
+class _Lens:
+    def __init__(self, client):
+        self._c = client
+
+    async def logit(self, messages, model, layers=None, top_k: int = 5, steering=None) -> s.LogitLensResponse:
+        """The logit lens of a conversation: top-k predictions per layer and position.
+
+        >>> lens = await client.lens.logit([{"role": "user", "content": "Hi"}], model="default")  # doctest: +SKIP
+        """
+        return await _Features._call(self, _logit_lens(messages, model, layers, top_k, steering))
+
+    async def direction(self, model, feature=None, vector=None, top_k: int = 20) -> s.DirectionTokensResponse:
+        """Tokens a feature (or a vector) promotes and suppresses: ``(await client.lens.direction("default", "concept/pirate")).promoted``."""
+        return await _Features._call(self, _direction_tokens(model, feature, vector, top_k))
+
+
 class AsyncClient:
     """The async thin API: ``AsyncClient(model)`` in-process, or a server by ``base_url=`` (else ``$WORKBENCH_BASE_URL``).
 
@@ -288,6 +318,7 @@ class AsyncClient:
         self._transport = transport
         self.chat = _Chat(self)
         self.features = _Features(self)
+        self.lens = _Lens(self)
 
     async def models(self) -> s.ModelList:
         """The names the model answers to: ``(await client.models()).data[0].id``."""
@@ -461,6 +492,19 @@ class _SyncFeatures:
         return self._call(_token_activations(messages, model, features, interventions, steering))
 
 
+class _SyncLens:
+    def __init__(self, client):
+        self._c = client
+
+    def logit(self, messages, model, layers=None, top_k: int = 5, steering=None) -> s.LogitLensResponse:
+        """The logit lens of a conversation: ``client.lens.logit(msgs, model="default").top_tokens``."""
+        return _SyncFeatures._call(self, _logit_lens(messages, model, layers, top_k, steering))
+
+    def direction(self, model, feature=None, vector=None, top_k: int = 20) -> s.DirectionTokensResponse:
+        """Tokens a feature (or a vector) promotes and suppresses: ``client.lens.direction("default", "concept/pirate")``."""
+        return _SyncFeatures._call(self, _direction_tokens(model, feature, vector, top_k))
+
+
 class Client:
     """The sync thin API (same methods as ``AsyncClient``; ``create_stream`` is a plain iterator).
 
@@ -478,6 +522,7 @@ class Client:
         self._transport = sync() if sync is not None else _Bridge(self._async._transport)
         self.chat = _SyncChat(self)
         self.features = _SyncFeatures(self)
+        self.lens = _SyncLens(self)
 
     @property
     def async_client(self) -> AsyncClient:

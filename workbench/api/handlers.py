@@ -216,6 +216,24 @@ class Service:
                                   bins=req.bins, include_library=req.include_library, features=fs)
         return s.FeaturePageResponse(**self._meta("page"), model=name, **page.to_dict())
 
+    async def logit_lens(self, req: s.LogitLensRequest) -> s.LogitLensResponse:
+        from ..lens import logit_lens
+
+        name = self.check_model(req.model)
+        lens = await logit_lens(self.model, self._messages(req.messages), layers=req.layers, top_k=req.top_k,
+                                steering=await self._spec(req))
+        return s.LogitLensResponse(**self._meta("lens"), model=name, **lens.to_dict())
+
+    async def direction_tokens(self, req: s.DirectionTokensRequest) -> s.DirectionTokensResponse:
+        from ..lens import direction_tokens
+
+        name = self.check_model(req.model)
+        if (req.feature is None) == (req.vector is None):
+            raise ValidationError("give a feature or a vector, not both or neither")
+        direction = (await self.features()).get(req.feature) if req.feature is not None else req.vector
+        out = direction_tokens(self.model, direction, top_k=req.top_k).to_dict()
+        return s.DirectionTokensResponse(**self._meta("lens"), model=name, **out)
+
     async def best_steering(self, req: s.BestSteeringRequest) -> s.BestSteeringResponse:
         from ..evaluation import best_steering
 

@@ -622,3 +622,45 @@ class FeaturePageResponse(_Body):
 
     def _repr_html_(self) -> str:
         return self.to_html()
+
+
+class LogitLensRequest(_Body):
+    """The logit lens of a conversation (workbench extension): top-k predictions per layer and position."""
+
+    model: str
+    messages: list[ChatMessage] = Field(..., min_length=1)
+    layers: Optional[list[int]] = None
+    top_k: int = Field(5, ge=1, le=50)
+    interventions: Optional[list[InterventionSpec]] = None
+    steering: Optional[dict] = None
+
+
+class LogitLensResponse(_Body):
+    id: str
+    object: Literal["lens.logit"] = "lens.logit"
+    created: int
+    model: str
+    layers: list[int]
+    tokens: list[str]
+    token_ids: list[int]
+    top_tokens: list[list[list[str]]]
+    top_ids: list[list[list[int]]]
+    top_probs: list[list[list[float]]]
+
+
+class DirectionTokensRequest(_Body):
+    """Tokens a feature or vector promotes and suppresses through the unembedding (give one of the two)."""
+
+    model: str
+    feature: Optional[Union[str, int]] = None
+    vector: Optional[list[float]] = None
+    top_k: int = Field(20, ge=1, le=200)
+
+
+class DirectionTokensResponse(_Body):
+    id: str
+    object: Literal["lens.direction"] = "lens.direction"
+    created: int
+    model: str
+    promoted: list[TokenScore]
+    suppressed: list[TokenScore]

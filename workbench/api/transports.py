@@ -22,6 +22,8 @@ ROUTES = {
     "/v1/features/concepts": (s.ConceptRequest, "add_concept"),
     "/v1/features/load": (s.FeatureSetRequest, "load_features"),
     "/v1/features/page": (s.FeaturePageRequest, "feature_page"),
+    "/v1/lens/logit": (s.LogitLensRequest, "logit_lens"),
+    "/v1/lens/direction": (s.DirectionTokensRequest, "direction_tokens"),
     "/v1/steering/best": (s.BestSteeringRequest, "best_steering"),
     "/v1/chat_attribution/inspect": (s.FeatureInspectionRequest, "inspect"),
     "/v1/chat_attribution/activations": (s.ActivationsRequest, "activations"),

@@ -1,0 +1,98 @@
+"""Logit lens and direction unembedding, checked against the model's own readout; over both API transports."""
+
+import pytest
+import torch
+from conftest import reference_hidden
+
+import workbench as wb
+from workbench.lens import Unembedding
+
+CHAT = [{"role": "user", "content": "The capital of France is Paris. The capital of Italy is"}]
+
+
+def _ids(model, messages):
+    from workbench.chat import check_chat_options, render_chat
+
+    return render_chat(model.tokenizer, messages, check_chat_options({"add_generation_prompt": False})).token_ids
+
+
+async def test_last_layer_lens_is_the_models_own_next_token(default_model):
+    lens = await wb.logit_lens(default_model, CHAT, top_k=3)
+    ids = _ids(default_model, CHAT)
+    assert lens.token_ids == ids and lens.layers == list(range(default_model.layer_count))
+    with torch.no_grad():
+        logits = default_model.hf_model(input_ids=torch.tensor([ids])).logits[0]
+    want = logits.argmax(-1)
+    assert lens.top_ids[-1, :, 0].tolist() == want.tolist()
+    torch.testing.assert_close(lens.top_probs[-1, :, 0], torch.softmax(logits.float(), -1).max(-1).values,
+                               rtol=1e-4, atol=1e-4)
+    assert (lens.top_probs[..., :-1] >= lens.top_probs[..., 1:]).all()   # ranked
+
+
+async def test_an_intermediate_layer_is_norm_then_unembedding_of_its_stream(default_model):
+    ids = _ids(default_model, CHAT)
+    lens = await wb.logit_lens(default_model, CHAT, layers=[4, 12], top_k=5)
+    ref, _ = reference_hidden(default_model, ids, [12])
+    hf = default_model.hf_model
+    with torch.no_grad():
+        want = hf.lm_head(hf.model.norm(ref[12][None].to(hf.dtype)))[0].float()
+    assert lens.layers == [4, 12]
+    assert lens.top_ids[1].tolist() == torch.topk(want, 5, dim=-1).indices.tolist()
+    table = lens.table()
+    assert len(table) == 2 * len(ids) * 5 and set(table.layer) == {4, 12}
+    assert "<table" in lens._repr_html_()
+
+
+def test_direction_tokens_rank_the_readout_of_the_direction(default_model):
+    g = torch.Generator().manual_seed(0)
+    v = torch.randn(default_model.hidden_size, generator=g)
+    dt = wb.direction_tokens(default_model, v, top_k=8)
+    u = Unembedding.of(default_model)
+    scores = u.head @ (u.norm_weight * v / v.norm())
+    assert dt.promoted.token_id.tolist() == torch.topk(scores, 8).indices.tolist()
+    assert dt.suppressed.token_id.tolist() == torch.topk(-scores, 8).indices.tolist()
+    flipped = wb.direction_tokens(default_model, -v, top_k=8)
+    assert flipped.promoted.token_id.tolist() == dt.suppressed.token_id.tolist()
+    assert dt.promoted.token.tolist() == [default_model.tokenizer.decode([i]) for i in dt.promoted.token_id]
+    with pytest.raises(wb.VectorError):
+        wb.direction_tokens(default_model, torch.ones(3))
+    with pytest.raises(wb.ValidationError):
+        wb.direction_tokens(default_model, v, top_k=0)
+
+
+async def test_lens_errors(default_model):
+    with pytest.raises(wb.LayerOutOfRangeError):
+        await wb.logit_lens(default_model, "Hi", layers=[99])
+    with pytest.raises(wb.ValidationError):
+        await wb.logit_lens(default_model, "Hi", top_k=0)
+
+
+@pytest.fixture(scope="module", params=["inprocess", "http"])
+def client(request, default_model):
+    if request.param == "inprocess":
+        return wb.AsyncClient(default_model)
+    return wb.AsyncClient(base_url=request.getfixturevalue("http_server"))
+
+
+async def test_api_lenses_are_the_kernel_lenses(client, default_model):
+    want = await wb.logit_lens(default_model, CHAT, layers=[3, 29], top_k=2)
+    got = await client.lens.logit(CHAT, model="default", layers=[3, 29], top_k=2)
+    assert got.top_ids == want.top_ids.tolist() and got.top_tokens == want.top_tokens and got.tokens == want.tokens
+    await default_model.load_features()
+    pirate = default_model.features["concept/pirate"]
+    d = await client.lens.direction(model="default", feature="concept/pirate", top_k=5)
+    assert [t.token_id for t in d.promoted] == wb.direction_tokens(default_model, pirate, 5).promoted.token_id.tolist()
+    v = torch.randn(default_model.hidden_size, generator=torch.Generator().manual_seed(1))
+    dv = await client.lens.direction(model="default", vector=v, top_k=5)
+    assert [t.token_id for t in dv.suppressed] == wb.direction_tokens(default_model, v, 5).suppressed.token_id.tolist()
+    for bad in ({}, {"feature": "concept/pirate", "vector": v}):
+        with pytest.raises(wb.APIValidationError, match="not both or neither"):
+            await client.lens.direction(model="default", top_k=5, **bad)
+    with pytest.raises(wb.APIValidationError, match="hidden size"):
+        await client.lens.direction(model="default", vector=[1.0, 2.0])
+
+
+def test_sync_client_lens(default_model):
+    c = wb.Client(default_model)
+    r = c.lens.logit(CHAT, model="default", layers=[29], top_k=1)
+    assert len(r.top_ids[0]) == len(r.tokens)
