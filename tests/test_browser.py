@@ -84,7 +84,11 @@ def browser():
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
-    tmp = _workdir(tmp_path_factory.mktemp("lab"))
+    yield from _serve_lab(_workdir(tmp_path_factory.mktemp("lab")))
+
+
+def _serve_lab(tmp: Path):
+    """Start JupyterLab on loopback in ``tmp``, yield its URL, stop it."""
     port = free_port()
     root_flag = ["--allow-root"] if os.geteuid() == 0 else []
     cmd = [str(Path(sys.executable).parent / "jupyter"), "lab", "--no-browser", "--ip=127.0.0.1", f"--port={port}",
@@ -300,3 +304,70 @@ def test_quickstart_renders_in_voila(browser, tmp_path_factory):
         page.close()
     finally:
         stop_process(proc)
+
+
+@pytest.fixture(scope="module")
+def lab_unwindowed(tmp_path_factory):
+    """A JupyterLab that renders every cell (windowing off), so panels in the middle of a long notebook
+    stay in the page while later cells run."""
+    tmp = _workdir(tmp_path_factory.mktemp("lab06"))
+    tracker = tmp / "lab-settings" / "@jupyterlab" / "notebook-extension"
+    tracker.mkdir(parents=True)
+    (tracker / "tracker.jupyterlab-settings").write_text(json.dumps({"windowingMode": "none"}))
+    yield from _serve_lab(tmp)
+
+
+_POINTS = """(sel) => [...document.querySelectorAll(sel + ' .js-plotly-plot .scatterlayer .trace')]
+                 .map(t => t.querySelectorAll('.points path').length)"""
+
+
+def test_monitoring_notebook_in_jupyterlab(lab_unwindowed, browser):
+    """notebooks/06_monitoring.ipynb run in Lab: the Monitor panel's lines, the logit lens heatmap, and the
+    Workbench's monitor filled from a steered reply streamed in the browser."""
+    started = time.monotonic()
+    page = browser.new_page(viewport={"width": 1500, "height": 1100})
+    page.set_default_timeout(60_000)
+    page.goto(f"{lab_unwindowed}/lab/tree/notebooks/06_monitoring.ipynb?token={TOKEN}")
+    page.locator(".jp-Notebook").first.wait_for()
+    _run_all(page)
+    try:
+        page.locator(".wb-workbench .wb-chat .wb-send").first.wait_for(timeout=400_000)   # the last cell ran
+        page.wait_for_function(f"() => ({_POINTS})('.jp-Cell .wb-monitor').some(n => n > 10)", timeout=60_000)
+        page.wait_for_function("() => document.querySelectorAll('.wb-lens .js-plotly-plot .heatmaplayer image').length > 0",
+                               timeout=60_000)
+    except Exception:
+        page.screenshot(path=str(ARTIFACTS / "lab06-0-failed.png"), full_page=True)
+        raise
+    ran = time.monotonic() - started
+    _assert_no_widget_errors(page)
+    assert page.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']",
+                        has_text="Traceback").count() == 0
+    # the standalone MonitorPanel: a line per probe with its points, message starts, reply and threshold drawn
+    monitor = page.locator(".wb-monitor").first
+    monitor.scroll_into_view_if_needed()
+    points = page.evaluate(_POINTS, ".jp-Cell .wb-monitor:not(.wb-workbench .wb-monitor)")
+    assert len(points) == 2 and all(n > 20 for n in points), points
+    assert monitor.locator(".shapelayer path").count() >= 4          # 2 message starts, the reply, the threshold
+    assert "2 probes" in (monitor.text_content() or "")
+    monitor.screenshot(path=str(ARTIFACTS / "lab06-1-monitor.png"))
+    lens = page.locator(".wb-lens").first
+    lens.scroll_into_view_if_needed()
+    assert "30 layers" in (lens.text_content() or "")
+    lens.screenshot(path=str(ARTIFACTS / "lab06-2-lens.png"))
+    # the Workbench: the steered reply streams with the dial feature watched, drawn in its monitor panel
+    bench = ".wb-workbench"
+    assert page.evaluate(_POINTS, f"{bench} .wb-monitor") == []
+    page.locator(f"{bench} .wb-chat .wb-message textarea").first.fill(TOKYO)
+    page.locator(f"{bench} .wb-chat .wb-send").first.click()
+    page.wait_for_function(f"() => ({_POINTS})('{bench} .wb-monitor').some(n => n > 20)", timeout=180_000)
+    page.locator(f"{bench} .wb-chat .wb-stop[disabled]").first.wait_for(timeout=180_000)
+    page.wait_for_function(f"""() => {{ const t = document.querySelector('{bench} .wb-monitor').textContent;
+                                        return t.includes('reply positions') && !t.includes('streaming'); }}""",
+                           timeout=60_000)
+    [n] = page.evaluate(_POINTS, f"{bench} .wb-monitor")
+    assert n > 60, n                                     # the prompt's tokens and the reply's
+    page.locator(f"{bench} .wb-monitor").first.scroll_into_view_if_needed()
+    page.locator(f"{bench} .wb-monitor").first.screenshot(path=str(ARTIFACTS / "lab06-3-workbench-monitor.png"))
+    _assert_no_widget_errors(page)
+    print(f"\nnotebook 06 ran in Lab in {ran:.0f} s; workbench monitor: {n} points")
+    page.close()

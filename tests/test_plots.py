@@ -85,3 +85,75 @@ async def test_strength_sweep_on_the_pirate_concept_rises_in_concept_and_kl(defa
     raw = await wb.strength_sweep(default_model, pirate.direction * 3, layers=[pirate.layer], strengths=(0.0, 0.3),
                                   max_tokens=8)
     assert raw.activation.isna().all() and raw.kl.iloc[1] > 0
+
+
+def _projections(steered=None):
+    """Two probes over a 6-token prompt (system at 0, user at 2) and a 4-token reply."""
+    return {"names": ["concept/pirate", "dir"], "layers": [7, 3],
+            "values": [[0.1 * p, -0.1 * p] for p in range(10)], "token_ids": list(range(10)),
+            "tokens": [f"t{p}" for p in range(10)], "prompt_len": 6, "boundaries": [0, 2], "roles": ["system", "user"],
+            "steered": steered}
+
+
+def _shapes(fig, name):
+    return [s for s in fig.layout.shapes if s.name == name]
+
+
+def test_projections_plot_draws_a_line_per_probe_boundaries_threshold_and_steered_runs():
+    steered = [False] * 7 + [True, True, False]
+    fig = plots.projections(_projections(steered), threshold=0.5)
+    assert [t.meta["probe"] for t in fig.data] == ["concept/pirate", "dir"]
+    pirate = fig.data[0]
+    assert list(pirate.x) == list(range(10)) and list(pirate.y) == [0.1 * p for p in range(10)]
+    assert pirate.text[7] == "t7" and "layer 7" in pirate.name
+    assert [s.x0 for s in _shapes(fig, "boundary")] == [-0.5, 1.5]         # before each message's first token
+    assert [s.x0 for s in _shapes(fig, "reply")] == [5.5]                   # between prompt and reply
+    [line] = _shapes(fig, "threshold")
+    assert line.y0 == line.y1 == 0.5 and line.xref == "x domain"
+    [run] = _shapes(fig, "steered")
+    assert (run.x0, run.x1) == (6.5, 8.5)                                    # positions 7 and 8
+    assert {a.text for a in fig.layout.annotations} == {"system", "user", "reply"}
+    assert tuple(fig.layout.xaxis.range) == (-0.5, 9.5)
+    # per-probe thresholds take the probe's colour; `probes=` picks lines; no condition -> no shading
+    two = plots.projections(_projections(), threshold={"dir": -0.2, "concept/pirate": 0.3}, probes=["dir"])
+    assert [t.meta["probe"] for t in two.data] == ["dir"] and not _shapes(two, "steered")
+    assert sorted(s.y0 for s in _shapes(two, "threshold")) == [-0.2, 0.3]
+    assert not _shapes(plots.projections(_projections()), "threshold")
+
+
+def test_projections_plot_takes_the_api_body_and_the_kernel_object():
+    import torch
+
+    from workbench.api.schemas import ProjectionsBody
+    from workbench.chat import MessageBoundary
+    from workbench.monitor import Projections
+
+    d = _projections([False] * 6 + [True] * 4)
+    body = ProjectionsBody(**d)
+    kernel = Projections(names=d["names"], layers=d["layers"], values=torch.tensor(d["values"]),
+                         token_ids=d["token_ids"], prompt_len=6, tokens=d["tokens"],
+                         boundaries=[MessageBoundary(0, "system", "s", 0, 2), MessageBoundary(1, "user", "u", 2, 6)],
+                         steered=d["steered"])
+    figs = [plots.projections(x) for x in (d, body, kernel)]
+    for fig in figs:
+        assert [list(t.y) for t in fig.data] == [pytest.approx(list(t.y)) for t in figs[0].data]
+        assert [(s.name, s.x0) for s in fig.layout.shapes] == [(s.name, s.x0) for s in figs[0].layout.shapes]
+    with pytest.raises(wb.ValidationError, match="prompt_len"):
+        plots.projections({"names": ["x"], "values": []})
+
+
+def test_logit_lens_heatmap_and_direction_bars_show_the_data():
+    lens = {"layers": [0, 5], "tokens": ["a", "b", "c"], "token_ids": [1, 2, 3],
+            "top_tokens": [[["x", "y"], ["y", "x"], ["z", "x"]], [["b", "x"], ["c", "x"], ["d", "x"]]],
+            "top_probs": [[[0.1, 0.05], [0.2, 0.1], [0.3, 0.2]], [[0.7, 0.1], [0.8, 0.1], [0.9, 0.05]]]}
+    [heat] = plots.logit_lens(lens).data
+    assert list(heat.y) == [0, 5] and list(heat.x) == [0, 1, 2]
+    assert heat.z[1][2] == 0.9 and heat.text[1][2] == "d" and heat.text[0][0] == "x"
+    assert "'z': 0.30" in heat.customdata[0][2] and "'x': 0.20" in heat.customdata[0][2]   # the top-k on hover
+    tokens = {"promoted": [{"token": " arr", "token_id": 5, "score": 3.0}, {"token": " ship", "token_id": 6, "score": 2.0}],
+              "suppressed": [{"token": " the", "token_id": 7, "score": -1.5}]}
+    promoted, suppressed = plots.direction_tokens(tokens).data
+    assert (promoted.meta["side"], list(promoted.x), list(promoted.y)) == ("promoted", [2.0, 3.0], ["' ship'", "' arr'"])
+    assert list(suppressed.x) == [-1.5] and list(suppressed.y) == ["' the'"]
+    with pytest.raises(wb.ValidationError, match="LogitLens"):
+        plots.logit_lens({"layers": []})

@@ -7,7 +7,7 @@ import json
 import pytest
 
 import workbench as wb
-from widgets import ChatPanel, FeaturePicker, NormsPanel, SteeringDials, StreamText, Workbench
+from widgets import ChatPanel, FeaturePicker, InspectPanel, MonitorPanel, NormsPanel, SteeringDials, StreamText, Workbench
 
 TOKYO = "Give me tourist information about Tokyo."
 PIRATE_WORDS = ("arr", "ahoy", "matey", "ye ", "yer", "aye", "treasure", "ship", "sea", "captain", "sail")
@@ -316,3 +316,135 @@ async def test_the_repetition_penalty_the_auto_button_found_reaches_the_chat(def
                                     repetition_penalty=1.3)
     plain = await default_model.chat([{"role": "user", "content": TOKYO}], temperature=0.0, max_tokens=24, seed=0)
     assert bench.chat.history["baseline"][-1]["content"] == want[0].generated != plain[0].generated
+
+
+SEA = [{"role": "system", "content": "You are a pirate."}, {"role": "user", "content": "Tell me about the sea."}]
+
+
+def _runs(flags):
+    return wb.plots._runs(flags)
+
+
+async def test_monitor_panel_draws_the_engines_values_live(source, default_model, monkeypatch):
+    """One line per probe over prompt + reply, drawn while streaming; the values are the engine's own."""
+    panel = MonitorPanel(source, probes=["concept/pirate", "concept/french"], threshold=0.4)
+    panel.redraw_interval = 0.0
+    live = []
+    real = panel._draw
+    monkeypatch.setattr(panel, "_draw", lambda data, final=True: (live.append((len(data["values"]), final)),
+                                                                  real(data, final))[1])
+    data = await panel.watch(SEA, max_tokens=16)
+    assert data is panel.data
+    [direct] = await default_model.chat(SEA, monitor=["concept/pirate", "concept/french"], temperature=0.0, max_tokens=16)
+    pr = direct.projections
+    assert panel.reply == direct.generated and panel.error.value == ""
+    assert [t.meta["probe"] for t in panel.figure.data] == ["concept/pirate", "concept/french"]
+    n = len(pr)
+    assert n == pr.prompt_len + 15                        # the last generated token is never fed back
+    for k, trace in enumerate(panel.figure.data):
+        assert list(trace.x) == list(range(n))
+        assert list(trace.y) == pytest.approx(pr.values[:, k].tolist(), abs=1e-4)
+    assert tuple(panel.figure.layout.xaxis.range) == (-0.5, n - 0.5)
+    shapes = panel.figure.layout.shapes
+    assert [s.x0 + 0.5 for s in shapes if s.name == "boundary"] == [b.start_token for b in pr.boundaries]
+    assert [s.x0 + 0.5 for s in shapes if s.name == "reply"] == [pr.prompt_len]
+    assert [s.y0 for s in shapes if s.name == "threshold"] == [0.4]
+    hover = list(panel.figure.data[0].text)
+    assert hover[:pr.prompt_len] == pr.tokens[:pr.prompt_len]               # hover: the prompt's tokens,
+    assert "".join(hover[pr.prompt_len:]) == direct.generated[:len("".join(hover[pr.prompt_len:]))]  # then the reply
+    # drawn while streaming (growing), then once more in full; the reload state holds the final data
+    partial = [k for k, final in live if not final]
+    assert len(partial) >= 5 and partial == sorted(partial) and live[-1] == (n, True)
+    assert len(panel.figure._widget_data[0]["y"]) == n
+    panel.threshold.value = 0.9                            # redraws from what was fetched
+    assert [s.y0 for s in panel.figure.layout.shapes if s.name == "threshold"] == [0.9]
+
+
+async def test_monitor_panel_condition_steers_where_the_engine_says(default_model):
+    """The condition controls become the request's condition: steered positions match a direct call."""
+    pirate = default_model.features["concept/pirate"]
+    spec = wb.SteeringSpec({pirate.layer: [wb.AddSpec(pirate.direction * (0.5 * pirate.scale))]})
+    panel = MonitorPanel(default_model, probes=["concept/pirate"], threshold=0.5)
+    panel.conditional.value, panel.mode.value = True, "token"
+    await panel.watch(SEA[1:], steering=spec, max_tokens=24)
+    cond = wb.Condition(pirate, threshold=0.5, mode="token")
+    [direct] = await default_model.chat(SEA[1:], steering=wb.SteeringSpec(spec.layers, condition=cond),
+                                        monitor=[pirate], temperature=0.0, max_tokens=24)
+    steered = direct.projections.steered
+    assert panel.reply == direct.generated and panel.data["steered"] == steered and any(steered)
+    assert not any(steered[:direct.projections.prompt_len])            # prompt positions are never steered
+    rects = [(s.x0 + 0.5, s.x1 - 0.5) for s in panel.figure.layout.shapes if s.name == "steered"]
+    assert rects == _runs(steered)
+    assert f"{sum(steered)} steered" in panel.status.value
+    panel.threshold.value = 1e6                                         # never crossed: no steering at all
+    panel.rewatch()                                                      # the Watch button: the last watch() again
+    await panel.wait()
+    [plain] = await default_model.chat(SEA[1:], temperature=0.0, max_tokens=24)
+    assert panel.reply == plain.generated and not any(panel.data["steered"])
+
+
+async def test_workbench_feeds_the_monitor_from_the_steered_stream(default_model):
+    """The dial features are watched on the steered column's own stream; the condition applies to that column."""
+    bench = Workbench(default_model)
+    bench.dials.add_feature(default_model.features["concept/pirate"], strength=0.4)
+    bench.chat.max_tokens.value = 20
+    bench.chat.send(TOKYO)
+    await bench.wait()
+    assert bench.monitor.error.value == "" and bench.chat.error.value == ""
+    data = bench.monitor.data
+    assert data["names"] == ["concept/pirate"] and len(data["values"]) == data["prompt_len"] + 19
+    assert len(bench.monitor.figure.data) == 1 and len(bench.monitor.figure.data[0].x) == len(data["values"])
+    steered, baseline = bench.chat.history["steered"][-1]["content"], bench.chat.history["baseline"][-1]["content"]
+    assert steered != baseline
+    # a condition that never holds: the regenerated steered reply (Watch button) is the baseline
+    bench.monitor.conditional.value = True
+    bench.monitor.threshold.value = 1e6
+    bench.monitor.watch_button.click()
+    await bench.wait()
+    assert bench.chat.history["steered"][-1]["content"] == baseline and not any(bench.monitor.data["steered"])
+    assert len(bench.chat.history["steered"]) == 2                     # regenerated, not appended
+
+
+async def test_inspect_tabs_fill_lens_direction_and_page(default_model):
+    panel = InspectPanel(default_model)
+    chat = [{"role": "user", "content": "Arr, where be the treasure?"}, {"role": "assistant", "content": "On the ship, matey!"}]
+    await panel.refresh(chat)
+    await panel.wait()
+    chosen = panel.chosen()
+    # direction tab: the chosen feature's tokens, as the kernel's direction_tokens reads them
+    want = wb.direction_tokens(default_model, default_model.features[chosen.id], top_k=panel.direction.top_k)
+    promoted, suppressed = panel.direction.figure.data
+    assert list(promoted.y)[::-1] == [repr(t) for t in want.promoted.token]
+    assert list(suppressed.x)[::-1] == pytest.approx(list(want.suppressed.score), abs=1e-4)
+    panel.feature.value = 1                                              # another feature: the tab follows
+    await panel.wait()
+    assert panel.direction.feature_id == panel.items[1].id
+    # logit lens tab: on the inspected conversation; the last layer's top-1 is the model's own prediction
+    assert not panel.lens.run_button.disabled
+    panel.lens.run_button.click()
+    await panel.wait()
+    [heat] = panel.lens.figure.data
+    result = panel.lens.result
+    assert list(heat.y) == list(range(30)) and len(heat.x) == len(result.tokens) == len(heat.z[0])
+    import torch
+
+    with torch.no_grad():
+        logits = default_model.hf_model(torch.tensor([result.token_ids])).logits[0]
+    assert [ids[0] for ids in result.top_ids[-1]] == logits.argmax(-1).tolist()
+    assert heat.text[-1] == [toks[0] for toks in result.top_tokens[-1]]
+    # page button: the chosen feature's page in the page tab
+    panel.page_button.click()
+    await panel.wait()
+    assert panel.tabs.selected_index == 3 and "wb-feature-page" in panel.page_view.html.value
+    assert panel.page_view.page.feature.id == panel.items[1].id and panel.error.value == ""
+
+
+async def test_picker_page_button_shows_the_feature_page(default_model):
+    picker = FeaturePicker(default_model)
+    await picker.search("pirate")
+    assert not picker.page_button.disabled
+    picker.page_button.click()
+    await picker.wait()
+    page = picker.page_view.page
+    assert page.feature.id == "concept/pirate" and page.contexts
+    assert "wb-feature-page" in picker.page_view.html.value and page.contexts[0].token in picker.page_view.html.value

@@ -7,9 +7,13 @@
 from .chat import ChatPanel
 from .dials import SteeringDials
 from .inspection import InspectPanel
+from .lens import DirectionPanel, LensPanel
+from .monitor import MonitorPanel
 from .norms import NormsPanel
+from .pages import PageView
 from .picker import FeaturePicker
 from .stream import StreamText
 from .workbench import Workbench
 
-__all__ = ["ChatPanel", "FeaturePicker", "InspectPanel", "NormsPanel", "SteeringDials", "StreamText", "Workbench"]
+__all__ = ["ChatPanel", "DirectionPanel", "FeaturePicker", "InspectPanel", "LensPanel", "MonitorPanel", "NormsPanel",
+           "PageView", "SteeringDials", "StreamText", "Workbench"]

@@ -70,6 +70,7 @@ class ChatPanel(Panel):
         self._reply_start = {c: 0 for c in COLUMNS}
         self._turn = None
         self._active: set = set()
+        self.monitor = None   # a MonitorPanel: the steered column streams with its probes (and condition), drawn live
         super().__init__(source, [w.HTML("<b>Chat</b>"), columns, self.message,
                                   w.HBox([self.send_button, self.stop_button, self.regenerate_button, self.clear_button,
                                           self.auto_regenerate]), self.status, options], **kwargs)
@@ -193,11 +194,14 @@ class ChatPanel(Panel):
         reply, count = prefill, 0
         ivs = _interventions(self.variant) if column == "steered" else []
         spec = getattr(self.variant, "spec", None) if column == "steered" else None
+        watch = self.monitor.request_options() if column == "steered" and self.monitor is not None else {}
         try:
             stream = self.client.chat.completions.create_stream(
                 model=name, messages=messages, interventions=ivs or None, steering=spec, temperature=self.temperature.value,
                 max_completion_tokens=self.max_tokens.value, seed=self.seed.value, continue_final_message=bool(prefill),
-                repetition_penalty=self.repetition_penalty.value)
+                repetition_penalty=self.repetition_penalty.value, **watch)
+            if watch:
+                stream = self.monitor.follow(stream)
             async for chunk in stream:
                 if chunk.choices and chunk.choices[0].finish_reason:
                     self.timing[column + "_finish"] = chunk.choices[0].finish_reason

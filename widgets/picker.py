@@ -8,6 +8,7 @@ import ipywidgets as w
 import traitlets
 
 from ._tasks import Panel
+from .pages import PageView
 
 
 def feature_label(item) -> str:
@@ -15,7 +16,8 @@ def feature_label(item) -> str:
 
 
 class FeaturePicker(Panel):
-    """A search box (debounced, runs ``features.search``), a result list and a Pick button.
+    """A search box (debounced, runs ``features.search``), a result list, a Pick button and a Page
+    button (the selected feature's page, ``features.page``, shown below in ``page_view``).
 
     ``picked`` (a traitlet) holds the picked ``FeatureItem``s; ``on_pick(fn)`` calls ``fn(item)`` per pick.
 
@@ -35,17 +37,27 @@ class FeaturePicker(Panel):
         self.pick_button = w.Button(description="Add to dials", icon="plus", button_style="primary",
                                     disabled=True)
         self.pick_button.add_class("wb-pick")
+        self.page_button = w.Button(description="Page", icon="file-text-o", disabled=True,
+                                    tooltip="the feature's page: top contexts, histogram, promoted tokens")
+        self.page_button.add_class("wb-picker-page")
         self.status = w.HTML("")
         self.top_k = top_k
         self.items: list = []
         self._callbacks: list = []
         self._pending = None
-        super().__init__(source, [w.HTML("<b>Features</b>"), self.query, self.results,
-                                  w.HBox([self.pick_button, self.status])], **kwargs)
+        super().__init__(source, [], **kwargs)
+        self.page_view = PageView(self.session)
+        self.page_view.html.value = ""
+        self.children = [w.HTML("<b>Features</b>"), self.query, self.results,
+                         w.HBox([self.pick_button, self.page_button, self.status]), self.page_view, self.error]
         self.add_class("wb-picker")
         self.query.observe(self._on_query, "value")
-        self.results.observe(lambda ch: setattr(self.pick_button, "disabled", ch["new"] is None), "value")
+        self.results.observe(self._on_select, "value")
         self.pick_button.on_click(lambda _: self.pick())
+        self.page_button.on_click(lambda _: self.open_page())
+
+    def _on_select(self, change) -> None:
+        self.pick_button.disabled = self.page_button.disabled = change["new"] is None
 
     def _on_query(self, change) -> None:
         if self._pending is not None and not self._pending.done():
@@ -83,6 +95,13 @@ class FeaturePicker(Panel):
         for fn in self._callbacks:
             fn(item)
         return item
+
+    def open_page(self, index: int | None = None):
+        """Show result ``index``'s page (default: the selected one) in ``page_view``; returns the task."""
+        index = self.results.value if index is None else index
+        if index is None or not (0 <= index < len(self.items)):
+            return None
+        return self._spawn(self.page_view.show_page(self.items[index]))
 
     def on_pick(self, fn) -> None:
         """Call ``fn(item)`` whenever a feature is picked."""

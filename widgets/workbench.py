@@ -1,4 +1,4 @@
-"""``Workbench``: the panels composed and wired together: pick -> dials -> chat -> norms and inspect."""
+"""``Workbench``: the panels composed and wired together: pick -> dials -> chat -> norms, monitor and inspect."""
 
 from __future__ import annotations
 
@@ -6,12 +6,11 @@ import asyncio
 
 import ipywidgets as w
 
-import workbench as wb
-
 from ._tasks import Panel, Session
 from .chat import ChatPanel
 from .dials import SteeringDials
 from .inspection import InspectPanel
+from .monitor import MonitorPanel
 from .norms import NormsPanel
 from .picker import FeaturePicker
 
@@ -21,7 +20,9 @@ class Workbench(Panel):
 
     Takes a ``SteerModel`` (in-process), a ``wb.Client`` or a ``wb.AsyncClient`` (e.g. pointed at a
     ``workbench serve``). Put it last in a cell to display it; its panels (``picker``, ``dials``,
-    ``chat``, ``norms``, ``inspect``) also work one by one.
+    ``chat``, ``norms``, ``monitor``, ``inspect``) also work one by one. The steered reply streams with
+    the monitor's probes (default: the features on the dials), drawn live in ``monitor``; its
+    condition, when ticked, makes the steered column's steering conditional.
 
     >>> bench = Workbench(wb.load("default"))      # doctest: +SKIP
     >>> bench                                       # doctest: +SKIP
@@ -33,6 +34,7 @@ class Workbench(Panel):
         self.dials = SteeringDials(session)
         self.chat = ChatPanel(session)
         self.norms = NormsPanel(session)
+        self.monitor = MonitorPanel(session)
         self.inspect = InspectPanel(session)
         self._plots = plots
         self.status = w.HTML("")
@@ -42,11 +44,14 @@ class Workbench(Panel):
         right = w.VBox([self.chat], layout=w.Layout(width="62%"))
         children = [w.HBox([left, right], layout=w.Layout(width="100%")), self.status]
         if plots:
-            children += [self.norms, self.inspect]
+            children += [self.norms, self.monitor, self.inspect]
+            self.chat.monitor = self.monitor
         super().__init__(session, children, **kwargs)
         self.add_class("wb-workbench")
         self.picker.on_pick(self.dials.add_feature)
         self.inspect.on_add(self.dials.add_feature)
+        self.monitor.default_probes = self._dial_features
+        self.monitor.on_watch(lambda: self.chat.regenerate(("steered",)))
         self.dials.observe(lambda ch: setattr(self.chat, "variant", ch["new"]), "variant")
         self.chat.variant = self.dials.variant
         self.dials.observe(lambda ch: setattr(self.chat.repetition_penalty, "value", ch["new"]), "repetition_penalty")
@@ -57,7 +62,11 @@ class Workbench(Panel):
 
     @property
     def panels(self) -> list[Panel]:
-        return [self.picker, self.dials, self.chat, self.norms, self.inspect]
+        return [self.picker, self.dials, self.chat, self.norms, self.monitor, self.inspect]
+
+    def _dial_features(self) -> list[str]:
+        """The ids of the features on the dials (raw spec rows have no probe)."""
+        return [r.item.id for r in self.dials.rows if hasattr(r, "item")]
 
     async def _name_dials(self) -> None:
         self.dials.set_model_name(await self.session.model_name())
@@ -101,4 +110,4 @@ class Workbench(Panel):
         """Wait until every panel is idle (replies streamed, plots drawn)."""
         for _ in range(3):  # a finished turn starts plot refreshes: settle twice
             for panel in [self, *self.panels]:
-                await Panel.wait(panel)
+                await (Panel.wait(panel) if panel is self else panel.wait())

@@ -307,3 +307,167 @@ def steering_comparison(results, title: str | None = None):
                       yaxis_title="harmonic mean of concept, instruction, fluency", height=380,
                       margin={"l": 60, "r": 20, "t": 60, "b": 60})
     return _style(fig)
+
+
+# -- monitoring and lenses -----------------------------------------------------------------------
+def projections_data(data) -> dict:
+    """Monitored values as a plain dict (``names, layers, values [position][probe], tokens, prompt_len,
+    boundaries [int], roles, steered``): accepts a ``workbench.monitor.Projections``, the API's
+    ``ProjectionsBody`` or such a dict."""
+    if hasattr(data, "to_dict") and hasattr(data, "names"):       # monitor.Projections
+        d = data.to_dict()
+    elif hasattr(data, "model_dump"):                              # ProjectionsBody
+        d = data.model_dump()
+    elif isinstance(data, dict):
+        d = dict(data)
+    else:
+        raise ValidationError(f"expected Projections, a ProjectionsBody or a dict, got {type(data).__name__}")
+    missing = {"names", "values", "prompt_len"} - set(d)
+    if missing:
+        raise ValidationError(f"projections need the keys {sorted(missing)}")
+    bounds = list(d.get("boundaries") or [])
+    roles = list(d.get("roles") or [getattr(b, "role", "") for b in bounds])
+    values = d["values"]
+    values = values.tolist() if hasattr(values, "tolist") else [list(row) for row in values]
+    return {"names": list(d["names"]), "layers": list(d.get("layers") or [None] * len(d["names"])),
+            "values": values, "tokens": list(d.get("tokens") or []), "prompt_len": int(d["prompt_len"]),
+            "boundaries": [int(getattr(b, "start_token", b)) for b in bounds], "roles": roles,
+            "steered": list(d["steered"]) if d.get("steered") is not None else None}
+
+
+def _runs(flags) -> list[tuple[int, int]]:
+    """``[(first, last)]`` of each run of True in ``flags``."""
+    runs, start = [], None
+    for i, flag in enumerate(list(flags) + [False]):
+        if flag and start is None:
+            start = i
+        elif not flag and start is not None:
+            runs.append((start, i - 1))
+            start = None
+    return runs
+
+
+def projections(data, threshold=None, probes=None, title: str | None = None):
+    """Probe values over token positions: a line per probe, dashed lines at message starts and at the
+    reply (``prompt_len``), the threshold as a horizontal line, steered positions shaded.
+
+    ``threshold``: a number, a list of numbers, or ``{probe: number}`` (drawn in that probe's colour).
+    Shapes carry names (``boundary``, ``reply``, ``threshold``, ``steered``), so code can find them.
+
+    >>> [reply] = await model.chat(chat, monitor=["concept/pirate"], max_tokens=32)   # doctest: +SKIP
+    >>> wb.plots.projections(reply.projections, threshold=0.5)                        # doctest: +SKIP
+    """
+    go = _go()
+    d = projections_data(data)
+    names = d["names"] if probes is None else [n for n in d["names"] if n in set(probes)]
+    n = len(d["values"])
+    x = list(range(n))
+    tokens = [d["tokens"][p] if p < len(d["tokens"]) else "" for p in x]
+    colours = {name: PALETTE[i % len(PALETTE)] for i, name in enumerate(d["names"])}
+    fig = go.Figure()
+    for name in names:
+        k = d["names"].index(name)
+        layer = d["layers"][k]
+        fig.add_trace(go.Scatter(
+            x=x, y=[row[k] for row in d["values"]], text=tokens, mode="lines+markers", marker={"size": 4},
+            name=f"{name} (layer {layer})" if layer is not None else name, line={"color": colours[name]},
+            meta={"probe": name, "layer": layer},
+            hovertemplate=f"{name}<br>position %{{x}}: %{{text}}<br>value %{{y:.3f}}<extra></extra>"))
+    shapes, notes = [], []
+    for b, role in zip(d["boundaries"], d["roles"] + [""] * len(d["boundaries"])):
+        shapes.append({"type": "line", "name": "boundary", "x0": b - 0.5, "x1": b - 0.5, "xref": "x", "y0": 0, "y1": 1,
+                       "yref": "y domain", "line": {"dash": "dot", "color": "#9aa5b1", "width": 1}})
+        notes.append({"x": b - 0.5, "y": 1.0, "xref": "x", "yref": "y domain", "text": role, "showarrow": False,
+                      "xanchor": "left", "yanchor": "top", "font": {"size": 10, "color": "#6b7785"}})
+    P = d["prompt_len"]
+    shapes.append({"type": "line", "name": "reply", "x0": P - 0.5, "x1": P - 0.5, "xref": "x", "y0": 0, "y1": 1,
+                   "yref": "y domain", "line": {"dash": "dash", "color": "#333", "width": 1.5}})
+    notes.append({"x": P - 0.5, "y": 1.0, "xref": "x", "yref": "y domain", "text": "reply", "showarrow": False,
+                  "xanchor": "left", "yanchor": "bottom", "font": {"size": 10}})
+    if threshold is not None:
+        items = (threshold.items() if isinstance(threshold, dict)
+                 else [(None, t) for t in (threshold if isinstance(threshold, (list, tuple)) else [threshold])])
+        for probe, t in items:
+            shapes.append({"type": "line", "name": "threshold", "x0": 0, "x1": 1, "xref": "x domain", "y0": float(t),
+                           "y1": float(t), "yref": "y",
+                           "line": {"dash": "dash", "color": colours.get(probe, "#b00020"), "width": 1.5}})
+    for first, last in _runs(d["steered"] or []):
+        shapes.append({"type": "rect", "name": "steered", "x0": first - 0.5, "x1": last + 0.5, "xref": "x", "y0": 0,
+                       "y1": 1, "yref": "y domain", "fillcolor": "#ff7f0e", "opacity": 0.15, "line": {"width": 0},
+                       "layer": "below"})
+    steered = sum(bool(s) for s in d["steered"] or [])
+    fig.update_layout(title=title or ("Probe values per token" + (f" · {steered} steered" if d["steered"] else "")),
+                      xaxis_title="token position (prompt, then reply)", yaxis_title="probe value",
+                      xaxis={"range": [-0.5, max(n, P + 1) - 0.5]}, shapes=shapes, annotations=notes, height=340,
+                      margin={"l": 60, "r": 20, "t": 50, "b": 50}, legend={"font": {"size": 10}},
+                      hovermode="closest")
+    return _style(fig)
+
+
+def _lens_dict(result) -> dict:
+    if hasattr(result, "to_dict") and hasattr(result, "top_probs"):    # lens.LogitLens
+        return result.to_dict()
+    if hasattr(result, "model_dump"):                                   # LogitLensResponse
+        return result.model_dump()
+    if isinstance(result, dict) and {"layers", "tokens", "top_tokens", "top_probs"} <= set(result):
+        return result
+    raise ValidationError(f"expected a LogitLens, a LogitLensResponse or its dict, got {type(result).__name__}")
+
+
+def logit_lens(result, title: str | None = None):
+    """Layers x positions heatmap of the logit lens: colour = the top-1 prediction's probability, text = it.
+
+    Hovering a cell shows the top-k predictions of that layer at that position.
+
+    >>> wb.plots.logit_lens(await wb.logit_lens(model, chat, top_k=3))     # doctest: +SKIP
+    """
+    go = _go()
+    d = _lens_dict(result)
+    layers, tokens = list(d["layers"]), list(d["tokens"])
+    probs = [[float(cell[0]) for cell in row] for row in d["top_probs"]]
+    top1 = [[cell[0] for cell in row] for row in d["top_tokens"]]
+    hover = [[f"layer {layer} · position {p} ({tokens[p]!r})<br>"
+              + "<br>".join(f"{t!r}: {float(q):.2f}" for t, q in zip(d["top_tokens"][li][p], d["top_probs"][li][p]))
+              for p in range(len(tokens))] for li, layer in enumerate(layers)]
+    ticks = [f"{i}:{t!r}"[:20] for i, t in enumerate(tokens)]
+    fig = go.Figure(go.Heatmap(z=probs, x=list(range(len(tokens))), y=layers, text=top1, texttemplate="%{text}",
+                               textfont={"size": 8}, customdata=hover, hovertemplate="%{customdata}<extra></extra>",
+                               colorscale="Blues", zmin=0, zmax=1, colorbar={"title": {"text": "top-1 prob"}}))
+    fig.update_layout(title=title or "Logit lens: each layer's top next-token prediction",
+                      xaxis={"tickmode": "array", "tickvals": list(range(len(ticks))), "ticktext": ticks,
+                             "tickangle": -60, "tickfont": {"size": 9}, "title": "position"},
+                      yaxis={"title": "layer"}, height=max(320, 120 + 16 * len(layers)),
+                      margin={"l": 60, "r": 20, "t": 50, "b": 110})
+    return _style(fig)
+
+
+def _token_scores(rows) -> list[tuple[str, float]]:
+    if hasattr(rows, "to_dict") and hasattr(rows, "columns"):           # a DataFrame
+        rows = rows.to_dict("records")
+    out = []
+    for r in rows:
+        r = r if isinstance(r, dict) else (r.model_dump() if hasattr(r, "model_dump") else vars(r))
+        out.append((str(r["token"]), float(r["score"])))
+    return out
+
+
+def direction_tokens(result, title: str | None = None):
+    """Two bar charts: the tokens a direction promotes and the ones it suppresses (``lens.direction``).
+
+    >>> wb.plots.direction_tokens(wb.direction_tokens(model, model.features["concept/pirate"]))   # doctest: +SKIP
+    """
+    go = _go()
+    from plotly.subplots import make_subplots
+
+    get = (lambda k: getattr(result, k)) if not isinstance(result, dict) else result.__getitem__
+    promoted, suppressed = _token_scores(get("promoted")), _token_scores(get("suppressed"))
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("promoted", "suppressed"), horizontal_spacing=0.25)
+    for col, (name, pairs, colour) in enumerate((("promoted", promoted, "#2ca02c"),
+                                                 ("suppressed", suppressed, "#d62728")), start=1):
+        fig.add_trace(go.Bar(x=[s for _, s in pairs][::-1], y=[repr(t) for t, _ in pairs][::-1], orientation="h",
+                             name=name, marker_color=colour, meta={"side": name}), 1, col)
+    fig.update_layout(title=title or "Tokens the direction writes toward (unembedding)", showlegend=False,
+                      height=max(260, 80 + 18 * max(len(promoted), len(suppressed), 1)),
+                      margin={"l": 100, "r": 20, "t": 60, "b": 40})
+    fig.update_xaxes(title_text="logit score")
+    return _style(fig)
