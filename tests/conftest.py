@@ -223,8 +223,37 @@ def assert_close_rel(actual, expected, rel=1e-4):
 
 
 
+# ------------------------------------------------------------------ one fixture, both backends
+# Chats and a mixed spec the backend tests share (test_vllm, test_engine_contract).
+CHATS = [
+    [{"role": "user", "content": "Tell me about Tokyo in two sentences."}],
+    [{"role": "system", "content": "You are a terse assistant."}, {"role": "user", "content": "Name three colours."}],
+    [{"role": "user", "content": "What is 12 times 7?"}, {"role": "assistant", "content": "84."},
+     {"role": "user", "content": "And divided by 2?"}],
+    [{"role": "user", "content": "Write a haiku about the sea."}],
+    [{"role": "user", "content": "Explain what a compiler does to a ten-year-old."}],
+]
+GREEDY = wb.SamplingParams(temperature=0.0, max_tokens=48)
+
+
+def mixed_spec(model) -> wb.SteeringSpec:
+    """Add + cap at layer 4 and an ablation at layer 9, with directions and sizes from the model's own stream."""
+    g = torch.Generator().manual_seed(7)
+    a, b, c = (torch.randn(model.hidden_size, generator=g) for _ in range(3))
+    return wb.SteeringSpec(layers={
+        4: wb.LayerSteeringSpec(operations=[wb.AddSpec(a / a.norm(), scale=6.0), wb.ProjectionCapSpec(b, min=-0.5, max=0.5)]),
+        9: wb.LayerSteeringSpec(operations=[wb.AblationSpec(c, scale=0.0)]),
+    })
+
+
+@pytest.fixture(params=["hf", "vllm"])
+def backend(request):
+    """The default model on each backend (the session's ``default_model`` and ``vllm_model``): contract tests."""
+    return request.getfixturevalue("default_model" if request.param == "hf" else "vllm_model")
+
+
 # tests that load the real default model, start vLLM, a server, JupyterLab or a browser
-_HEAVY_FIXTURES = {"default_model", "vllm_model", "any_model", "http_server", "lab", "browser"}
+_HEAVY_FIXTURES = {"default_model", "vllm_model", "any_model", "backend", "http_server", "lab", "browser"}
 _HEAVY_MODULES = {"test_notebooks", "test_browser", "test_vllm_notebook", "test_binder", "test_setup"}
 
 
