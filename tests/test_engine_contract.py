@@ -35,7 +35,9 @@ def _ops(model):
 
 
 def test_backend_implements_the_contract(backend):
-    assert isinstance(backend, Backend) and isinstance(backend.capabilities, Capabilities)
+    assert isinstance(backend.engine, Backend) and isinstance(backend.capabilities, Capabilities)
+    assert backend.capabilities is backend.engine.capabilities and backend.backend == backend.engine.backend
+    assert not isinstance(backend, Backend)   # the facade holds the engine; it is not one
     assert backend.capabilities.ops <= ALL_OPS and {"add", "projection_cap", "ablation"} <= backend.capabilities.ops
 
 
@@ -181,7 +183,7 @@ def test_streams_cancelled_at_random_points_free_their_slots(backend, default_mo
     [want] = asyncio.run(default_model.chat(chat, GREEDY, steering=spec))
     assert after.token_ids == want.token_ids
     if backend.backend == "vllm":  # every slot is idle again
-        assert all(n == 0 for n in backend._slots.refs.values())
+        assert all(n == 0 for n in backend.engine._slots.refs.values())
 
 
 def overflow_spec(model, layer: int = 3) -> wb.SteeringSpec:
@@ -226,7 +228,7 @@ def test_a_request_whose_steering_overflows_fails_alone(backend, default_model):
         asyncio.run(asyncio.sleep(0.05))
     assert backend.active_requests == 0
     if backend.backend == "vllm":
-        assert all(n == 0 for n in backend._slots.refs.values())  # the failed requests' slots are free
+        assert all(n == 0 for n in backend.engine._slots.refs.values())  # the failed requests' slots are free
         stats = backend.worker_stats()[0]
         assert stats["failed"] >= 2 and stats["kv_scrubs"] >= 1 and stats["capture_keys"] == 0
     # the engine goes on, exactly: the five chats equal the hf reference

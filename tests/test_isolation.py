@@ -204,7 +204,7 @@ async def test_a_request_whose_join_fails_fails_alone_and_the_running_batch_goes
     running = asyncio.create_task(tiny.chat([CHATS[0]], long))
 
     def decoding():  # finished rows stay in the batch until the next pass: look for a live one
-        return [r for r in tiny._rows if r.finish_reason is None and 3 < len(r.out_ids) < 30]
+        return [r for r in tiny.engine._rows if r.finish_reason is None and 3 < len(r.out_ids) < 30]
 
     for _ in range(500):
         if decoding():

@@ -42,7 +42,7 @@ class Unembedding:
         cached = model.__dict__.get("_unembedding")
         if cached is not None:
             return cached
-        hf = model.__dict__.get("hf_model")
+        hf = getattr(model, "hf_model", None)
         if hf is not None:
             norm = hf.model.norm
             eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6))

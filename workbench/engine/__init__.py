@@ -1,4 +1,4 @@
-"""The steering engine: ``SteerModel`` and its backends (``hf``, ``vllm``).
+"""The steering engine: ``SteerModel``, the ``Backend`` contract, and its engines (``hf``, ``vllm``).
 
 Names load on first use, so importing a backend's light parts (vLLM's processes import
 ``workbench.engine.vllm.worker``) does not import the engine.
@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import importlib
 
-_LAZY = {"SteerModel": ".base", "load": ".loading"}
+_LAZY = {"SteerModel": ".base", "Backend": ".base", "Capabilities": ".base", "EngineBase": ".base",
+         "Request": ".base", "load": ".loading"}
 
-__all__ = ["SteerModel", "load"]
+__all__ = sorted(_LAZY)
 
 
 def __getattr__(name: str):

@@ -1,8 +1,10 @@
-"""``SteerModel``: the backend-independent half of the engine.
+"""``SteerModel`` and the engine contract it holds.
 
-It validates input, renders chats, keeps the global steering state with readers-writer
-semantics (chatspace's), and turns a backend's per-request event streams into texts,
-``ChatResponse``s, stream chunks and ``CaptureHandle``s. A backend implements ``_submit``.
+``SteerModel`` is the backend-independent half: it validates input, renders chats, keeps the
+global steering state with readers-writer semantics (chatspace's), and turns an engine's
+per-request event streams into texts, ``ChatResponse``s, stream chunks and ``CaptureHandle``s.
+It holds one engine (``model.engine``) and uses it only through :class:`Backend`: ``submit``
+a :class:`Request`, ``cancel`` it, ``close``. :class:`EngineBase` is what engines share.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import itertools
 import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
@@ -143,29 +145,101 @@ class Capabilities:
     encode_only: bool = False   # a forward over the prompt without sampling (``encode``)
 
 
+def check_layer(layer, layer_count: int, what: str = "layer") -> int:
+    """``layer`` when it is an integer in ``0..layer_count-1``; a ``LayerOutOfRangeError`` otherwise."""
+    if isinstance(layer, bool) or not isinstance(layer, int):
+        raise LayerOutOfRangeError(f"{what} must be an integer in 0..{layer_count - 1}, got {layer!r}")
+    if not 0 <= layer < layer_count:
+        raise LayerOutOfRangeError(f"{what} {layer} is out of range; allowed 0..{layer_count - 1}")
+    return layer
+
+
 @runtime_checkable
 class Backend(Protocol):
-    """The engine contract: what a backend implements under :class:`SteerModel`'s public API.
+    """The engine contract: what :class:`SteerModel` calls on the engine it holds (``model.engine``).
 
-    ``_submit(request)`` takes a :class:`Request` and, from any thread, ``request.emit``s its
-    events in order: ``ProjectionEvent``s (when ``request.watched``) and ``TokenEvent``s as the
-    request runs, then one ``FinishEvent`` or one ``ErrorEvent``. ``_cancel(request)`` stops it (no
-    event needed after). ``close()`` stops the engine and fails what still runs with ``EngineError``.
+    ``submit(request)`` takes a :class:`Request` and, from any thread, ``request.emit``s its events
+    in order: ``ProjectionEvent``s (when ``request.watched``) and ``TokenEvent``s as the request
+    runs, then one ``FinishEvent`` or one ``ErrorEvent``; a request the engine cannot take (closed,
+    dead) ends with an ``ErrorEvent(EngineError)``. ``cancel(request)`` stops it (no event needed
+    after). ``close()`` stops the engine and fails what still runs with ``EngineError``.
+    ``make_handle``/``materialize``/``fetch_captures_batch`` turn a ``FinishEvent``'s captures into
+    ``CaptureHandle``s and tensors (an engine whose captures stay elsewhere fetches them there).
+    A spec or option outside ``capabilities`` never reaches ``submit``: ``SteerModel`` refuses it.
     Everything else (rendering, validation, steering stacks, sampling options, API) is shared.
-    ``tests/test_engine_contract.py`` checks both backends against this.
+    ``tests/test_engine_contract.py`` checks both engines against this.
+
+    >>> isinstance(model.engine, wb.engine.Backend)   # doctest: +SKIP
+    True
     """
 
     backend: str
     capabilities: Capabilities
+    model_name: str
+    tokenizer: Any
     hidden_size: int
     layer_count: int
     max_model_len: int
+    stats: dict
 
-    def _submit(self, request: Request) -> None: ...
+    def submit(self, request: Request) -> None: ...
 
-    def _cancel(self, request: Request) -> None: ...
+    def cancel(self, request: Request) -> None: ...
 
     def close(self) -> None: ...
+
+    @property
+    def active_requests(self) -> int: ...
+
+    def make_handle(self, request_id: str, capture: tuple, prompt_ids: list, result: "_Result",
+                    boundaries=()) -> CaptureHandle: ...
+
+    async def materialize(self, results: list) -> None: ...
+
+    async def fetch_captures_batch(self, handles) -> list: ...
+
+
+class EngineBase:
+    """What engines share: the model's shape, token texts, and captures held in this process."""
+
+    backend: str = "base"
+    capabilities: Capabilities = Capabilities()
+    stats: dict
+
+    def _init_shape(self, model_name: str, tokenizer, hidden_size: int, layer_count: int, max_model_len: int) -> None:
+        self.model_name = model_name
+        self.tokenizer = tokenizer
+        self.hidden_size = int(hidden_size)
+        self.layer_count = int(layer_count)
+        self.max_model_len = int(max_model_len)
+
+    def check_layer(self, layer, what: str = "layer") -> int:
+        return check_layer(layer, self.layer_count, what)
+
+    @property
+    def _token_text(self) -> TokenText:
+        """Token id -> text, for logprobs and monitor tokens (made on first use)."""
+        if getattr(self, "_token_text_cache", None) is None:
+            self._token_text_cache = TokenText(self.tokenizer)
+        return self._token_text_cache
+
+    def make_handle(self, request_id, capture, prompt_ids, result: "_Result", boundaries=()) -> CaptureHandle:
+        """A ``CaptureHandle`` over a finished request's captures (``{layer: [tokens, hidden]}`` here)."""
+        return CaptureHandle(
+            request_id=request_id, layer_indices=capture, prompt_token_ids=list(prompt_ids),
+            generated_token_ids=list(result.token_ids), message_boundaries=list(boundaries),
+            captures={layer: [{"hidden": t}] for layer, t in result.captures.items()}, tokenizer=self.tokenizer,
+        )
+
+    async def materialize(self, results: list) -> None:
+        """Make every result's ``captures`` tensors here (they already are, in process)."""
+
+    async def fetch_captures_batch(self, handles) -> list:
+        """Make the captures of many handles available in one round trip; return the handles."""
+        return [handles] if isinstance(handles, CaptureHandle) else list(handles)
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.model_name!r} layers={self.layer_count} hidden={self.hidden_size}>"
 
 
 class SteerModel:
@@ -179,31 +253,44 @@ class SteerModel:
     [' Paris...']
     """
 
-    backend: str = "base"
-    capabilities: Capabilities = Capabilities()
-
-    def __init__(self, model_name: str, tokenizer, hidden_size: int, layer_count: int, max_model_len: int):
-        self.model_name = model_name
-        self.tokenizer = tokenizer
-        self.hidden_size = int(hidden_size)
-        self.layer_count = int(layer_count)
-        self.max_model_len = int(max_model_len)
+    def __init__(self, engine: Backend):
+        self.engine = engine
+        self.model_name = engine.model_name
+        self.tokenizer = engine.tokenizer
+        self.hidden_size = int(engine.hidden_size)
+        self.layer_count = int(engine.layer_count)
+        self.max_model_len = int(engine.max_model_len)
         self._global = SteeringSpec()
         self._stack: list[SteeringSpec] = []
         self._rw = AsyncRWLock()
         self._ids = itertools.count()
         self._closed = False
 
-    # ------------------------------------------------------------------ backend hooks
-    def _submit(self, request: Request) -> None:  # pragma: no cover - abstract
-        raise NotImplementedError
+    # ------------------------------------------------------------------ the engine
+    @property
+    def backend(self) -> str:
+        """The engine's name: ``"hf"`` or ``"vllm"``."""
+        return self.engine.backend
 
-    def _cancel(self, request: Request) -> None:  # pragma: no cover - abstract
-        request.cancelled = True
+    @property
+    def capabilities(self) -> Capabilities:
+        """What the engine can do; a request needing anything else is refused when it is made."""
+        return self.engine.capabilities
+
+    @property
+    def stats(self) -> dict:
+        """The engine's counters (requests, tokens, passes or steps, ...)."""
+        return self.engine.stats
+
+    @property
+    def active_requests(self) -> int:
+        """Requests queued or running in the engine (0 when idle)."""
+        return self.engine.active_requests
 
     def close(self) -> None:
         """Stop the engine and free the model; further requests raise ``EngineError``."""
         self._closed = True
+        self.engine.close()
 
     def __repr__(self) -> str:
         return (f"<{type(self).__name__} {self.model_name!r} backend={self.backend} layers={self.layer_count} "
@@ -211,11 +298,8 @@ class SteerModel:
 
     # ------------------------------------------------------------------ validation
     def check_layer(self, layer, what: str = "layer") -> int:
-        if isinstance(layer, bool) or not isinstance(layer, int):
-            raise LayerOutOfRangeError(f"{what} must be an integer in 0..{self.layer_count - 1}, got {layer!r}")
-        if not 0 <= layer < self.layer_count:
-            raise LayerOutOfRangeError(f"{what} {layer} is out of range; allowed 0..{self.layer_count - 1}")
-        return layer
+        """``layer`` when it is one of the model's layers; a ``LayerOutOfRangeError`` otherwise."""
+        return check_layer(layer, self.layer_count, what)
 
     def _capture_layers(self, capture_layers) -> tuple:
         if capture_layers is None:
@@ -330,7 +414,7 @@ class SteerModel:
     # ------------------------------------------------------------------ running requests
     async def _events(self, request: Request):
         """Submit and yield the request's events; cancel it in the backend if the consumer leaves."""
-        self._submit(request)
+        self.engine.submit(request)
         finished = False
         try:
             while True:
@@ -345,7 +429,7 @@ class SteerModel:
                 yield event
         finally:
             if not finished:
-                self._cancel(request)
+                self.engine.cancel(request)
 
     async def _run(self, request: Request) -> _Result:
         deltas = []
@@ -385,17 +469,10 @@ class SteerModel:
 
     @property
     def _token_text(self) -> TokenText:
-        """Token id -> text, for logprobs (made on first use: backends build their own ``__init__``)."""
-        if getattr(self, "_token_text_cache", None) is None:
-            self._token_text_cache = TokenText(self.tokenizer)
-        return self._token_text_cache
+        return self.engine._token_text  # type: ignore[attr-defined]  # every engine here is an EngineBase
 
     def _handle(self, request_id, capture, prompt_ids, result: _Result, boundaries=()) -> CaptureHandle:
-        return CaptureHandle(
-            request_id=request_id, layer_indices=capture, prompt_token_ids=list(prompt_ids),
-            generated_token_ids=list(result.token_ids), message_boundaries=list(boundaries),
-            captures={layer: [{"hidden": t}] for layer, t in result.captures.items()}, tokenizer=self.tokenizer,
-        )
+        return self.engine.make_handle(request_id, capture, prompt_ids, result, boundaries)
 
     # ------------------------------------------------------------------ public generation API
     async def generate(self, prompts, sampling_params=None, *, steering=None, capture_layers=None, raw_output=False,
@@ -559,11 +636,8 @@ class SteerModel:
                 req.encode_only = self.capabilities.encode_only
                 requests.append(req)
             results = await asyncio.gather(*(self._run(r) for r in requests))
-        await self._materialize(results)
+        await self.engine.materialize(results)
         return [{layer: r.captures[layer][: len(pid)] for layer in capture} for r, pid in zip(results, ids)]
-
-    async def _materialize(self, results: list) -> None:
-        """Backends whose captures live elsewhere (vLLM's workers) fetch them here, in one round trip."""
 
     @property
     def supports_encode_only(self) -> bool:
@@ -657,9 +731,11 @@ class SteerModel:
         self._features = feature_set
 
     async def fetch_captures_batch(self, handles) -> list:
-        """Make the captures of many handles available in one round trip; return the handles."""
-        handles = [handles] if isinstance(handles, CaptureHandle) else list(handles)
-        return handles
+        """Make the captures of many handles available in one round trip; return the handles.
+
+        >>> await model.fetch_captures_batch(handles)   # doctest: +SKIP
+        """
+        return await self.engine.fetch_captures_batch(handles)
 
     # ------------------------------------------------------------------ global steering (writers)
     def export_steering_spec(self) -> SteeringSpec:

@@ -26,10 +26,10 @@ from ..sampling import make_generator, sample_token, token_logprobs
 from ..steering import AddSpec, SteeringSpec
 from .. import opmath
 from ..monitor import ConditionState, probe_tables, probe_values
-from .base import Capabilities, ErrorEvent, FinishEvent, ProjectionEvent, Request, TokenEvent, request_failed
+from .base import Capabilities, ErrorEvent, SteerModel, FinishEvent, ProjectionEvent, Request, TokenEvent, request_failed
 from .detok import TextStream, token_step
 from .prefix_cache import PrefixCache
-from .scheduler import ThreadedBackend
+from .scheduler import ThreadedEngine
 
 
 @dataclass
@@ -67,8 +67,8 @@ class _StopForward(Exception):
     """Raised by the hook of the last layer an encode pass needs: the rest of the model is skipped."""
 
 
-class HFSteerModel(ThreadedBackend):
-    """``SteerModel`` on transformers (see :class:`workbench.engine.base.SteerModel` for the API)."""
+class HFEngine(ThreadedEngine):
+    """The transformers engine: a scheduler thread running shared forward passes over ``hf_model``."""
 
     backend = "hf"
     capabilities = Capabilities(encode_only=True)
@@ -78,7 +78,7 @@ class HFSteerModel(ThreadedBackend):
         config = hf_model.config
         layers = _decoder_layers(hf_model)
         ctx = int(max_model_len or getattr(config, "max_position_embeddings", 2048))
-        super().__init__(model_name, tokenizer, config.hidden_size, len(layers), ctx)
+        self._init_shape(model_name, tokenizer, config.hidden_size, len(layers), ctx)
         self.hf_model = hf_model
         self.device = next(hf_model.parameters()).device
         self.dtype = next(hf_model.parameters()).dtype
@@ -103,7 +103,7 @@ class HFSteerModel(ThreadedBackend):
         self._start_thread(self._loop, "hf")
         _LIVE.add(self)
 
-    # ------------------------------------------------------------------ ThreadedBackend hooks
+    # ------------------------------------------------------------------ ThreadedEngine hooks
     def _running_count(self) -> int:
         return len(self._rows)
 
@@ -538,15 +538,59 @@ class HFSteerModel(ThreadedBackend):
         return hook
 
 
-_LIVE: "weakref.WeakSet[HFSteerModel]" = weakref.WeakSet()
+class HFSteerModel(SteerModel):
+    """``SteerModel`` on transformers (see :class:`workbench.engine.base.SteerModel` for the API).
+
+    Holds an :class:`HFEngine` (``model.engine``); ``hf_model`` is the transformers model it runs,
+    usable for plain reference forwards. ``wb.load(name)`` makes one.
+
+    >>> model = wb.load("default", device="cpu")                        # doctest: +SKIP
+    >>> model.hf_model(input_ids=torch.tensor([[1, 2, 3]])).logits.shape  # doctest: +SKIP
+    """
+
+    engine: HFEngine
+
+    def __init__(self, hf_model, tokenizer, model_name: str, max_model_len: int | None = None, max_batch_size: int = 64,
+                 prefix_cache_mb: float = 256):
+        super().__init__(HFEngine(hf_model, tokenizer, model_name, max_model_len=max_model_len,
+                                  max_batch_size=max_batch_size, prefix_cache_mb=prefix_cache_mb))
+
+    @property
+    def hf_model(self):
+        """The transformers model (None after ``close``)."""
+        return self.engine.hf_model
+
+    @property
+    def device(self) -> torch.device:
+        return self.engine.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.engine.dtype
+
+    @property
+    def max_batch_size(self) -> int:
+        return self.engine.max_batch_size
+
+    @property
+    def prefix_cache(self) -> PrefixCache | None:
+        """The engine's prefix cache of steered prompt KV (None: off)."""
+        return self.engine.prefix_cache
+
+    @prefix_cache.setter
+    def prefix_cache(self, cache: PrefixCache | None) -> None:
+        self.engine.prefix_cache = cache
+
+
+_LIVE: "weakref.WeakSet[HFEngine]" = weakref.WeakSet()
 
 
 @atexit.register
 def _close_all() -> None:
     """Stop scheduler threads before the interpreter tears torch down under them."""
-    for model in list(_LIVE):
+    for engine in list(_LIVE):
         try:
-            model.close()
+            engine.close()
         except Exception:
             pass
 

@@ -1,9 +1,10 @@
 """The scheduler-thread life cycle both backends share: a request queue, one thread, a clean close.
 
-A backend subclasses :class:`ThreadedBackend`, starts its thread with ``_start_thread(target)``
-and implements ``_running_count()``; its thread waits with ``_wait_for_work(has_work)`` and, when
-that returns False (closed), ends with ``_fail_on_close(running)``. ``_submit``, ``_cancel``,
-``active_requests`` and ``close`` are here, once.
+An engine subclasses :class:`ThreadedEngine`, calls ``_init_queue()``, starts its thread with
+``_start_thread(target)`` and implements ``_running_count()``; its thread waits with
+``_wait_for_work(has_work)`` and, when that returns False (closed), ends with
+``_fail_on_close(running)``. ``submit``, ``cancel``, ``active_requests`` and ``close`` (the
+:class:`~workbench.engine.base.Backend` contract's life cycle) are here, once.
 """
 
 from __future__ import annotations
@@ -12,37 +13,40 @@ import threading
 from collections import deque
 
 from ..errors import EngineError
-from .base import ErrorEvent, Request, SteerModel
+from .base import EngineBase, ErrorEvent, Request
 
 
-class ThreadedBackend(SteerModel):
-    """A ``SteerModel`` whose requests run on one scheduler thread it owns."""
+class ThreadedEngine(EngineBase):
+    """An engine whose requests run on one scheduler thread it owns."""
 
     _join_timeout: float = 30.0  # seconds close() waits for the thread
 
     def _init_queue(self) -> None:
         self._cond = threading.Condition()
         self._pending: deque = deque()
+        self._closed = False
 
     def _start_thread(self, target, kind: str) -> None:
         self._thread = threading.Thread(target=target, name=f"workbench-{kind}-{self.model_name}", daemon=True)
         self._thread.start()
 
-    # ------------------------------------------------------------------ backend hooks (SteerModel)
+    # ------------------------------------------------------------------ the Backend contract
     def _refusal(self) -> str | None:
         """Why new requests are refused (None: accepted); called under the lock."""
         return "closed" if self._closed else None
 
-    def _submit(self, request: Request) -> None:
+    def submit(self, request: Request) -> None:
+        """Queue ``request``; its events come through ``request.emit`` (an ``ErrorEvent`` if refused)."""
         with self._cond:
             reason = self._refusal()
             if reason is not None:
-                request.emit(ErrorEvent(EngineError(f"{self!r} is {reason}; load the model again")))
+                request.emit(ErrorEvent(EngineError(f"the {self.backend} engine of {self.model_name!r} is {reason}; load the model again")))
                 return
             self._pending.append(request)
             self._cond.notify()
 
-    def _cancel(self, request: Request) -> None:
+    def cancel(self, request: Request) -> None:
+        """Stop ``request``: dropped from the queue or from the running batch at the next step."""
         with self._cond:
             request.cancelled = True
             self._on_cancel(request)
@@ -82,7 +86,7 @@ class ThreadedBackend(SteerModel):
 
     def _fail_on_close(self, running: list, jobs=()) -> None:
         """Under the lock, in the thread: fail queued and ``running`` requests and pending ``jobs``; clear the queue."""
-        error = EngineError(f"{self!r} was closed while this request ran")
+        error = EngineError(f"the {self.backend} engine of {self.model_name!r} was closed while this request ran")
         for req in list(self._pending) + list(running):
             req.emit(ErrorEvent(error))
         for _, fut in jobs:

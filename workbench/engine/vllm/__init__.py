@@ -1,6 +1,6 @@
 """The ``vllm`` backend, a package by concern (see ``engine``'s docstring for how it works):
 
-- ``engine``: the kernel side, ``VLLMSteerModel`` (admission, steps, outputs, captures, monitoring);
+- ``engine``: the kernel side, ``VLLMEngine`` (admission, steps, outputs, captures, monitoring);
 - ``worker``: what runs in vLLM's processes (patched decoder layers, ``WorkbenchWorker``);
 - ``tables``: spec -> op tables, and the slots holding them; the op math is ``workbench.opmath``;
 - ``shm``: shared-memory transfer (captures, fault counter, monitoring board);
@@ -16,7 +16,7 @@ from __future__ import annotations
 import importlib
 
 _LAZY = {
-    "VLLMSteerModel": ".engine", "VLLMSteeringConfig": ".engine", "RemoteCaptureHandle": ".engine",
+    "VLLMSteerModel": ".engine", "VLLMEngine": ".engine", "VLLMSteeringConfig": ".engine", "RemoteCaptureHandle": ".engine",
     "load_vllm": ".engine", "vllm_available": ".engine",
     "pack_spec": ".tables", "Slots": ".tables",
     "WorkbenchWorker": ".worker", "CONFIG_KEY": ".worker",

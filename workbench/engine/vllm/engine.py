@@ -3,7 +3,7 @@
 The kernel side of the backend. One engine thread owns vLLM's ``LLMEngine`` (whose engine core and
 workers run in their own processes): it admits requests, uploads spec tables to the workers by
 ``collective_rpc`` between steps, steps the engine and turns vLLM's outputs into the events of
-:class:`~workbench.engine.base.SteerModel`. What runs inside the workers is in ``worker``;
+:class:`~workbench.engine.base.SteerModel` (through the ``Backend`` contract). What runs inside the workers is in ``worker``;
 spec tables in ``tables``, shared-memory transfer in ``shm``, process care in ``supervision``,
 and every vLLM internal used in ``_compat``.
 
@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import inspect
 import logging
 import os
 import threading
@@ -47,8 +48,8 @@ from ...errors import BackendUnavailableError, EngineError, NonFiniteActivationE
 from ...models import canonical_name
 from ...monitor import MAX_PROBES
 from ...outputs import Logprob
-from ..scheduler import ThreadedBackend
-from ..base import Capabilities, ErrorEvent, FinishEvent, ProjectionEvent, Request, TokenEvent, request_failed
+from ..scheduler import ThreadedEngine
+from ..base import Capabilities, ErrorEvent, SteerModel, FinishEvent, ProjectionEvent, Request, TokenEvent, request_failed
 from ..detok import TextStream, token_step
 from . import _compat
 from .shm import Board, FaultCounter, unship
@@ -88,7 +89,7 @@ class RemoteCaptureHandle(CaptureHandle):
     unfetched handle fetches it alone. Closing or dropping an unread handle frees the workers' copy.
     """
 
-    def _attach(self, model: "VLLMSteerModel", key: str) -> "RemoteCaptureHandle":
+    def _attach(self, model: "VLLMEngine", key: str) -> "RemoteCaptureHandle":
         self._key = key
         self._model = weakref.ref(model)
         self._released = weakref.finalize(self, _release_key, weakref.ref(model), key)
@@ -136,19 +137,10 @@ class VLLMSteeringConfig:
 _said_compiled = False
 
 
-class VLLMSteerModel(ThreadedBackend):
-    """``SteerModel`` on vLLM V1 (see :class:`workbench.engine.base.SteerModel` for the API).
+class VLLMEngine(ThreadedEngine):
+    """The vLLM engine: one thread owning vLLM's ``LLMEngine``, its slots, board and captures.
 
-    Built as in chatspace, ``VLLMSteerModel(cfg, bootstrap_layers=..., enforce_eager=..., **vllm_kwargs)``,
-    or by ``wb.load(name, backend="vllm")``. Every layer can always be steered: ``bootstrap_layers``
-    is checked and its first entry becomes the ``set_vector`` target layer (chatspace's meaning of it;
-    no buffers need reserving). Steering works in vLLM's compiled mode, so ``enforce_eager`` defaults
-    to False (chatspace forced True); pass True for a faster start. Other keyword arguments:
-    ``max_batch_size``, ``max_specs`` (distinct specs at once; more wait), ``max_ops_per_layer``,
-    ``kv_cache_gb``, ``enable_prefix_caching``, ``show_progress``, and vLLM's ``EngineArgs``.
-
-    >>> model = wb.VLLMSteerModel(wb.VLLMSteeringConfig("default"), bootstrap_layers=(4,))  # doctest: +SKIP
-    >>> await model.set_vector(torch.randn(model.hidden_size) * 5.0)  # steers layer 4   # doctest: +SKIP
+    Takes the arguments of :class:`VLLMSteerModel`, which holds one (``model.engine``).
     """
 
     backend = "vllm"
@@ -206,13 +198,13 @@ class VLLMSteerModel(ThreadedBackend):
         max_model_len = int(cfg.max_model_len or getattr(hf_config, "max_position_embeddings", 2048))
         tokenizer = AutoTokenizer.from_pretrained(str(path))
         layer_count = int(hf_config.num_hidden_layers)
-        super().__init__(model_name or canonical_name(cfg.model_name), tokenizer, hf_config.hidden_size, layer_count,
+        self._init_shape(model_name or canonical_name(cfg.model_name), tokenizer, hf_config.hidden_size, layer_count,
                          max_model_len)
         self.cfg = cfg
         bootstrap = tuple(cfg.bootstrap_layers if bootstrap_layers is None else bootstrap_layers)
         for layer in bootstrap:
             self.check_layer(layer, "bootstrap layer")
-        self._target_layer = bootstrap[0] if bootstrap else 0  # chatspace's initial target layer
+        self.bootstrap_target = bootstrap[0] if bootstrap else 0  # chatspace's initial target layer
         self.path = str(path)
         self.dtype = dtype
         self.max_batch_size = int(max_batch_size)
@@ -266,7 +258,7 @@ class VLLMSteerModel(ThreadedBackend):
         self.load_seconds = time.perf_counter() - t0
         LIVE.add(self)
 
-    # ------------------------------------------------------------------ ThreadedBackend hooks
+    # ------------------------------------------------------------------ ThreadedEngine hooks
     _join_timeout = 120.0
 
     def _refusal(self) -> str | None:
@@ -292,7 +284,7 @@ class VLLMSteerModel(ThreadedBackend):
         fut: concurrent.futures.Future = concurrent.futures.Future()
         with self._cond:
             if self._closed or self._dead is not None:
-                fut.set_exception(EngineError(f"{self!r} is closed; load the model again"))
+                fut.set_exception(EngineError(f"the vllm engine of {self.model_name!r} is closed; load the model again"))
                 return fut
             self._jobs.append((fn, fut))
             self._cond.notify()
@@ -337,7 +329,7 @@ class VLLMSteerModel(ThreadedBackend):
         """``{key: {layer: tensor}}`` for ``keys``, in one round trip to the workers."""
         return await asyncio.wrap_future(self._call(self._fetch_job(keys)))
 
-    async def fetch_captures_batch(self, handles) -> list:
+    async def fetch_captures_batch(self, handles) -> list:  # the Backend contract
         """Fetch the captures of many handles from the workers in one round trip; return the handles."""
         handles = [handles] if isinstance(handles, CaptureHandle) else list(handles)
         todo = [h for h in handles if isinstance(h, RemoteCaptureHandle) and not h.fetched]
@@ -345,16 +337,17 @@ class VLLMSteerModel(ThreadedBackend):
             self._fill(todo, await self._fetch([h._key for h in todo]))
         return handles
 
-    def _handle(self, request_id, capture, prompt_ids, result, boundaries=()) -> CaptureHandle:
+    def make_handle(self, request_id, capture, prompt_ids, result, boundaries=()) -> CaptureHandle:  # the Backend contract
+        """A ``RemoteCaptureHandle`` over captures still in the workers (fetched on first read)."""
         if not isinstance(result.captures, _Remote):
-            return super()._handle(request_id, capture, prompt_ids, result, boundaries)
+            return super().make_handle(request_id, capture, prompt_ids, result, boundaries)
         handle = RemoteCaptureHandle(
             request_id=request_id, layer_indices=capture, prompt_token_ids=list(prompt_ids),
             generated_token_ids=list(result.token_ids), message_boundaries=list(boundaries), captures={},
             tokenizer=self.tokenizer)
         return handle._attach(self, result.captures.key)
 
-    async def _materialize(self, results: list) -> None:
+    async def materialize(self, results: list) -> None:  # the Backend contract
         """Fetch the captures of finished results in one round trip (used by ``encode``)."""
         remote = [r for r in results if isinstance(r.captures, _Remote)]
         if not remote:
@@ -731,7 +724,7 @@ def vllm_available() -> bool:
 
 
 def load_vllm(path, model_name: str, *, device=None, dtype=None, max_model_len=None, enforce_eager: bool = False,
-              tensor_parallel_size: int = 1, **options) -> VLLMSteerModel:
+              tensor_parallel_size: int = 1, **options) -> "VLLMSteerModel":
     """Start a vLLM engine on an HF folder and wrap it in a ``VLLMSteerModel`` (what ``wb.load`` calls).
 
     Options are those of :class:`VLLMSteerModel`; other keyword arguments go to vLLM's ``EngineArgs``.
@@ -739,3 +732,46 @@ def load_vllm(path, model_name: str, *, device=None, dtype=None, max_model_len=N
     cfg = VLLMSteeringConfig(model_name=str(path), tensor_parallel_size=tensor_parallel_size,
                              max_model_len=max_model_len, dtype="auto" if dtype is None else dtype)
     return VLLMSteerModel(cfg, device=device, enforce_eager=enforce_eager, model_name=model_name, **options)
+
+
+class VLLMSteerModel(SteerModel):
+    """``SteerModel`` on vLLM V1 (see :class:`workbench.engine.base.SteerModel` for the API).
+
+    Built as in chatspace, ``VLLMSteerModel(cfg, bootstrap_layers=..., enforce_eager=..., **vllm_kwargs)``,
+    or by ``wb.load(name, backend="vllm")``; it holds a :class:`VLLMEngine` (``model.engine``).
+    Every layer can always be steered: ``bootstrap_layers`` is checked and its first entry becomes
+    the ``set_vector`` target layer (chatspace's meaning of it; no buffers need reserving). Steering
+    works in vLLM's compiled mode, so ``enforce_eager`` defaults to False (chatspace forced True);
+    pass True for a faster start. Other keyword arguments: ``device``, ``max_batch_size``,
+    ``max_num_batched_tokens``, ``max_specs`` (distinct specs at once; more wait),
+    ``max_ops_per_layer``, ``kv_cache_gb``, ``enable_prefix_caching``, ``show_progress``,
+    ``model_name``, and vLLM's ``EngineArgs``.
+
+    >>> model = wb.VLLMSteerModel(wb.VLLMSteeringConfig("default"), bootstrap_layers=(4,))  # doctest: +SKIP
+    >>> await model.set_vector(torch.randn(model.hidden_size) * 5.0)  # steers layer 4   # doctest: +SKIP
+    """
+
+    engine: VLLMEngine
+
+    def __init__(self, cfg: VLLMSteeringConfig | str | None = None, *, bootstrap_layers=None, **options):
+        super().__init__(VLLMEngine(cfg, bootstrap_layers=bootstrap_layers, **options))
+        self._target_layer = self.engine.bootstrap_target
+
+    def collective_rpc(self, method: str, *args, **kwargs) -> list:
+        """Call a ``WorkbenchWorker`` method in every worker; one result per worker."""
+        return self.engine.collective_rpc(method, *args, **kwargs)
+
+    def worker_stats(self, trim: bool = False) -> list:
+        """Per worker: capture memory held (``capture_keys``, ``capture_bytes``), ``rss`` and step counters.
+
+        ``trim=True`` first hands the heap's free memory back to the OS, so ``rss`` is what the worker holds.
+        """
+        return self.engine.worker_stats(trim=trim)
+
+
+# The engine's settings, read through the model (``model.dtype``...): one read-only property each.
+for _name in ("worker_info", "cfg", "path", "dtype", "enforce_eager", "tensor_parallel_size", "max_batch_size",
+              "max_num_batched_tokens", "max_ops_per_layer", "load_seconds"):
+    setattr(VLLMSteerModel, _name, property(lambda self, _n=_name: getattr(self.engine, _n),
+                                            doc=f"The engine's ``{_name}``."))
+VLLMSteerModel.__init__.__signature__ = inspect.signature(VLLMEngine.__init__)  # type: ignore[attr-defined]  # tab completion shows the options
