@@ -43,13 +43,17 @@ def _start(cmd, cwd, env, url, timeout=120) -> subprocess.Popen:
     """Start a server; ready when ``url`` answers (or, for ``url=None``, when its port accepts connections)."""
     import socket
 
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    # the server's (and, through it, the kernels') output goes to a file: a pipe nobody reads fills
+    # up (64 KiB) and then blocks the server mid-test
+    log = open(Path(cwd) / f"{Path(cmd[0]).name}.log", "ab")
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    log.close()
+    proc.log_path = Path(cwd) / f"{Path(cmd[0]).name}.log"
     port = int(next(a for a in cmd if a.startswith("--port=")).split("=")[1])
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"{cmd[0]} exited: {proc.stdout.read().decode()[-3000:]}")
+            raise RuntimeError(f"{cmd[0]} exited: {_log_tail(proc)}")
         try:
             if url is None:
                 socket.create_connection(("127.0.0.1", port), timeout=2).close()
@@ -61,6 +65,11 @@ def _start(cmd, cwd, env, url, timeout=120) -> subprocess.Popen:
         time.sleep(0.5)
     stop_process(proc)
     raise RuntimeError(f"{cmd} did not answer at {url} within {timeout}s")
+
+
+def _log_tail(proc, chars: int = 3000) -> str:
+    """The end of what a server started by ``_start`` printed."""
+    return proc.log_path.read_bytes().decode(errors="replace")[-chars:]
 
 
 def _env(tmp: Path) -> dict:
@@ -293,8 +302,13 @@ def test_quickstart_renders_in_voila(browser, tmp_path_factory):
         page.locator(".wb-picker input[type='text']").first.wait_for(timeout=600_000)
         page.locator(".wb-chat .wb-message textarea").first.fill("Say hello in one sentence.")
         page.locator(".wb-chat .wb-send").first.click()
-        page.wait_for_function("() => [...document.querySelectorAll('.wb-stream')].every(e => "
-                               "(e.textContent.split('Assistant: ')[1] || '').length > 10)", timeout=120_000)
+        try:
+            page.wait_for_function("() => [...document.querySelectorAll('.wb-stream')].every(e => "
+                                   "(e.textContent.split('Assistant: ')[1] || '').length > 10)", timeout=180_000)
+        except Exception as exc:
+            page.screenshot(path=str(ARTIFACTS / "voila-no-reply.png"), full_page=True)
+            streams = page.evaluate("() => [...document.querySelectorAll('.wb-stream, .wb-status')].map(e => e.textContent)")
+            raise AssertionError(f"no reply in Voila; panels: {streams}; Voila's log: {_log_tail(proc)}") from exc
         page.wait_for_function("() => document.querySelectorAll('.wb-norms .js-plotly-plot .scatterlayer .trace').length > 0",
                                timeout=180_000)
         page.screenshot(path=str(ARTIFACTS / "voila.png"), full_page=True)

@@ -96,3 +96,22 @@ def test_sync_client_lens(default_model):
     c = wb.Client(default_model)
     r = c.lens.logit(CHAT, model="default", layers=[29], top_k=1)
     assert len(r.top_ids[0]) == len(r.tokens)
+
+
+async def test_vllm_lenses_read_the_same_weights_and_streams_as_hf(vllm_model, default_model):
+    """On vLLM the readout comes from the folder's safetensors and the stream from the workers: same lens."""
+    u_vllm, u_hf = Unembedding.of(vllm_model), Unembedding.of(default_model)
+    assert u_vllm is not u_hf
+    torch.testing.assert_close(u_vllm.head, u_hf.head, rtol=0, atol=0)
+    torch.testing.assert_close(u_vllm.norm_weight, u_hf.norm_weight, rtol=0, atol=0)
+    assert u_vllm.eps == pytest.approx(u_hf.eps)
+    got = await wb.logit_lens(vllm_model, CHAT, layers=[12, 29], top_k=3)
+    want = await wb.logit_lens(default_model, CHAT, layers=[12, 29], top_k=3)
+    assert got.token_ids == want.token_ids and got.layers == [12, 29]
+    agree = (got.top_ids[..., 0] == want.top_ids[..., 0]).float().mean().item()
+    assert agree >= 0.95, agree       # the two engines' streams agree to ~1e-4 (test_engine_contract)
+    assert got.top_ids[-1, -1, 0] == want.top_ids[-1, -1, 0]
+    torch.testing.assert_close(got.top_probs[..., 0], want.top_probs[..., 0], rtol=0, atol=2e-3)
+    dt_vllm = wb.direction_tokens(vllm_model, u_hf.head[0], top_k=5)
+    dt_hf = wb.direction_tokens(default_model, u_hf.head[0], top_k=5)
+    assert dt_vllm.promoted.token_id.tolist() == dt_hf.promoted.token_id.tolist()
