@@ -45,7 +45,36 @@ def main() -> None:
         wb.direction_tokens(model, f, top_k=20)
         t.append(time.perf_counter() - t0)
     print(f"direction unembedding (vocab x {v}), top 20: {statistics.median(t) * 1000:.1f} ms")
+    parts(model, prompt, args.repeats)
     model.close()
+
+
+def parts(model, prompt, repeats: int) -> None:
+    """The readout's parts on the lens's own rows: the matmul alone; the normaliser two ways."""
+    import torch
+
+    from workbench.lens import Unembedding
+
+    [acts] = asyncio.run(model.encode([prompt], layers=list(range(model.layer_count))))
+    lens = Unembedding.of(model)
+    normed = lens.normed(torch.cat([acts[layer].float() for layer in range(model.layer_count)]))
+    head_t = lens.head.T
+
+    def timed(fn) -> float:
+        out = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                for a in range(0, normed.shape[0], 512):
+                    fn(normed[a:a + 512] @ head_t)
+            out.append(time.perf_counter() - t0)
+        return statistics.median(out)
+
+    matmul = timed(lambda logits: None)
+    lse = timed(lambda logits: torch.logsumexp(logits, -1))
+    inplace = timed(lambda logits: logits.sub_(logits.amax(-1, keepdim=True)).clamp_(min=-80.0).exp_().sum(-1))
+    print(f"parts, {normed.shape[0]} rows: readout matmul alone {matmul:.3f} s; normaliser torch.logsumexp "
+          f"{lse - matmul:.3f} s, in place and clamped (what logit_lens does) {inplace - matmul:.3f} s")
 
 
 if __name__ == "__main__":
