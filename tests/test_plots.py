@@ -72,7 +72,9 @@ async def test_strength_sweep_on_the_pirate_concept_rises_in_concept_and_kl(defa
     df = await wb.strength_sweep(default_model, pirate, layers=[4, pirate.layer], strengths=(0.0, 0.2, 0.4),
                                  max_tokens=32, score=lambda t: sum(t.lower().count(w) for w in PIRATE))
     assert len(df) == 6 and set(df.columns) >= {"layer", "strength", "text", "activation", "score", "kl"}
-    assert (df[df.strength == 0].kl == 0).all()                      # strength 0 is exactly the baseline
+    # strength 0 is the baseline up to float rounding: its logits come from other batches (other padding)
+    # and other prefix-cache hits than the baseline's, which moves logits by ~1e-5 on some CPUs (KL ~1e-11)
+    assert (df[df.strength == 0].kl.abs() < 1e-8).all(), df[df.strength == 0].kl.tolist()
     assert df[df.strength == 0].text.nunique() == 1
     mean = df.groupby("strength")[["activation", "kl"]].mean()
     assert list(mean.activation) == sorted(mean.activation) and mean.activation.iloc[-1] > 2 * mean.activation.iloc[0]
