@@ -199,6 +199,17 @@ class Backend(Protocol):
     async def fetch_captures_batch(self, handles) -> list: ...
 
 
+def engine_attribute(name: str, doc: str = "", settable: bool = False) -> property:
+    """A facade property reading (and, if ``settable``, writing) ``self.engine.<name>``."""
+    def get(self):
+        return getattr(self.engine, name)
+
+    def put(self, value) -> None:
+        setattr(self.engine, name, value)
+
+    return property(get, put if settable else None, doc=doc or f"The engine's ``{name}``.")
+
+
 class EngineBase:
     """What engines share: the model's shape, token texts, and captures held in this process."""
 

@@ -26,7 +26,7 @@ from ..sampling import make_generator, sample_token, token_logprobs
 from ..steering import AddSpec, SteeringSpec
 from .. import opmath
 from ..monitor import ConditionState, probe_tables, probe_values
-from .base import Capabilities, ErrorEvent, SteerModel, FinishEvent, ProjectionEvent, Request, TokenEvent, request_failed
+from .base import Capabilities, ErrorEvent, SteerModel, engine_attribute, FinishEvent, ProjectionEvent, Request, TokenEvent, request_failed
 from .detok import TextStream, token_step
 from .prefix_cache import PrefixCache
 from .scheduler import ThreadedEngine
@@ -549,37 +549,18 @@ class HFSteerModel(SteerModel):
     """
 
     engine: HFEngine
+    hf_model = engine_attribute("hf_model", "The transformers model (None after ``close``).")
+    device = engine_attribute("device")
+    dtype = engine_attribute("dtype")
+    max_batch_size = engine_attribute("max_batch_size")
+    prefix_cache = engine_attribute("prefix_cache", "The engine's prefix cache of steered prompt KV (None: off).",
+                                    settable=True)
 
     def __init__(self, hf_model, tokenizer, model_name: str, max_model_len: int | None = None, max_batch_size: int = 64,
                  prefix_cache_mb: float = 256):
         super().__init__(HFEngine(hf_model, tokenizer, model_name, max_model_len=max_model_len,
                                   max_batch_size=max_batch_size, prefix_cache_mb=prefix_cache_mb))
 
-    @property
-    def hf_model(self):
-        """The transformers model (None after ``close``)."""
-        return self.engine.hf_model
-
-    @property
-    def device(self) -> torch.device:
-        return self.engine.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.engine.dtype
-
-    @property
-    def max_batch_size(self) -> int:
-        return self.engine.max_batch_size
-
-    @property
-    def prefix_cache(self) -> PrefixCache | None:
-        """The engine's prefix cache of steered prompt KV (None: off)."""
-        return self.engine.prefix_cache
-
-    @prefix_cache.setter
-    def prefix_cache(self, cache: PrefixCache | None) -> None:
-        self.engine.prefix_cache = cache
 
 
 _LIVE: "weakref.WeakSet[HFEngine]" = weakref.WeakSet()

@@ -40,10 +40,13 @@ class ThreadedEngine(EngineBase):
         with self._cond:
             reason = self._refusal()
             if reason is not None:
-                request.emit(ErrorEvent(EngineError(f"the {self.backend} engine of {self.model_name!r} is {reason}; load the model again")))
+                request.emit(ErrorEvent(self._refused(reason)))
                 return
             self._pending.append(request)
             self._cond.notify()
+
+    def _refused(self, reason: str) -> EngineError:
+        return EngineError(f"the {self.backend} engine of {self.model_name!r} is {reason}; load the model again")
 
     def cancel(self, request: Request) -> None:
         """Stop ``request``: dropped from the queue or from the running batch at the next step."""

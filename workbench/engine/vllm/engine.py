@@ -49,7 +49,7 @@ from ...models import canonical_name
 from ...monitor import MAX_PROBES
 from ...outputs import Logprob
 from ..scheduler import ThreadedEngine
-from ..base import Capabilities, ErrorEvent, SteerModel, FinishEvent, ProjectionEvent, Request, TokenEvent, request_failed
+from ..base import Capabilities, ErrorEvent, SteerModel, engine_attribute, FinishEvent, ProjectionEvent, Request, TokenEvent, request_failed
 from ..detok import TextStream, token_step
 from . import _compat
 from .shm import Board, FaultCounter, unship
@@ -283,8 +283,9 @@ class VLLMEngine(ThreadedEngine):
         """Run ``fn(engine)`` on the engine thread between steps."""
         fut: concurrent.futures.Future = concurrent.futures.Future()
         with self._cond:
-            if self._closed or self._dead is not None:
-                fut.set_exception(EngineError(f"the vllm engine of {self.model_name!r} is closed; load the model again"))
+            reason = self._refusal()
+            if reason is not None:
+                fut.set_exception(self._refused(reason))
                 return fut
             self._jobs.append((fn, fut))
             self._cond.notify()
@@ -752,6 +753,17 @@ class VLLMSteerModel(SteerModel):
     """
 
     engine: VLLMEngine
+    # the engine's settings, read through the model
+    worker_info = engine_attribute("worker_info", "What each worker reported when it started (``wb_init``).")
+    cfg = engine_attribute("cfg")
+    path = engine_attribute("path", "The HF folder vLLM loaded.")
+    dtype = engine_attribute("dtype")
+    enforce_eager = engine_attribute("enforce_eager")
+    tensor_parallel_size = engine_attribute("tensor_parallel_size")
+    max_batch_size = engine_attribute("max_batch_size")
+    max_num_batched_tokens = engine_attribute("max_num_batched_tokens")
+    max_ops_per_layer = engine_attribute("max_ops_per_layer")
+    load_seconds = engine_attribute("load_seconds", "Seconds the engine took to start.")
 
     def __init__(self, cfg: VLLMSteeringConfig | str | None = None, *, bootstrap_layers=None, **options):
         super().__init__(VLLMEngine(cfg, bootstrap_layers=bootstrap_layers, **options))
@@ -769,9 +781,4 @@ class VLLMSteerModel(SteerModel):
         return self.engine.worker_stats(trim=trim)
 
 
-# The engine's settings, read through the model (``model.dtype``...): one read-only property each.
-for _name in ("worker_info", "cfg", "path", "dtype", "enforce_eager", "tensor_parallel_size", "max_batch_size",
-              "max_num_batched_tokens", "max_ops_per_layer", "load_seconds"):
-    setattr(VLLMSteerModel, _name, property(lambda self, _n=_name: getattr(self.engine, _n),
-                                            doc=f"The engine's ``{_name}``."))
 VLLMSteerModel.__init__.__signature__ = inspect.signature(VLLMEngine.__init__)  # type: ignore[attr-defined]  # tab completion shows the options
