@@ -1,7 +1,9 @@
 """Logit lens and direction unembedding speed on the default model (hf backend, this machine's CPU).
 
 Goal: the logit lens of all 30 layers x 200 tokens in <= 1 s (one forward capturing every layer,
-then one batched readout). Median of ``--repeats`` after a warm-up; the ratio to the goal is printed.
+then one batched readout). Median of ``--repeats`` after a warm-up; the ratio to the goal is printed
+for the default precision ("auto": "fast" on a CPU with bfloat16 hardware, else "exact") and each
+precision's time is printed too, with how far "fast" is from "exact" (ids, probabilities).
 
     python benchmarks/lens_bench.py [--tokens 200] [--repeats 5]
 """
@@ -28,15 +30,28 @@ def main() -> None:
     ids = model.tokenizer(TEXT, add_special_tokens=True)["input_ids"][: args.tokens]
     prompt = model.tokenizer.decode(ids[1:]) if ids[0] == model.tokenizer.bos_token_id else model.tokenizer.decode(ids)
     n = len(model.tokenizer(prompt, add_special_tokens=True)["input_ids"])
-    asyncio.run(wb.logit_lens(model, prompt, top_k=5))   # warm-up (and the readout weights, read once)
-    times = []
-    for _ in range(args.repeats):
-        t0 = time.perf_counter()
-        lens = asyncio.run(wb.logit_lens(model, prompt, top_k=5))
-        times.append(time.perf_counter() - t0)
-    med = statistics.median(times)
-    print(f"logit lens, {len(lens.layers)} layers x {n} tokens, top 5: {med:.3f} s "
-          f"(median of {args.repeats}); ratio to the 1 s goal: {med / 1.0:.2f}  (goal <= 1.00)")
+    from workbench.lens import bf16_matmul_is_fast
+
+    lenses, medians = {}, {}
+    for precision in ("auto", "fast", "exact"):
+        asyncio.run(wb.logit_lens(model, prompt, top_k=5, precision=precision))   # warm-up (and weights)
+        times = []
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            lenses[precision] = asyncio.run(wb.logit_lens(model, prompt, top_k=5, precision=precision))
+            times.append(time.perf_counter() - t0)
+        medians[precision] = statistics.median(times)
+    lens, med = lenses["auto"], medians["auto"]
+    print(f"logit lens, {len(lens.layers)} layers x {n} tokens, top 5, precision auto "
+          f"({'fast' if bf16_matmul_is_fast() else 'exact'} on this CPU): {med:.3f} s (median of {args.repeats}); "
+          f"ratio to the 1 s goal: {med / 1.0:.2f}  (goal <= 1.00)")
+    fast, exact = lenses["fast"], lenses["exact"]
+    same = (fast.top_ids == exact.top_ids).all(-1).float().mean().item()
+    diff = (fast.top_probs - exact.top_probs).abs()
+    print(f"  fast {medians['fast']:.3f} s, exact {medians['exact']:.3f} s (exact / fast = "
+          f"{medians['exact'] / medians['fast']:.2f}); fast vs exact: same top-5 ids and order at {same:.2%} of "
+          f"{diff.shape[0] * diff.shape[1]} cells, probabilities differ by <= {diff.max():.1e} "
+          f"(mean {diff.mean():.1e}), relative <= {(diff / exact.top_probs).max():.2%}")
     v = model.hidden_size
     f = asyncio.run(model.load_features())["concept/pirate"]
     t = []

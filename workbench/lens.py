@@ -28,6 +28,20 @@ _HEAD_KEYS = ("lm_head.weight",)
 _TIED_KEYS = ("model.embed_tokens.weight",)
 
 
+PRECISIONS = ("auto", "fast", "exact")
+
+
+def check_precision(precision) -> None:
+    if precision not in PRECISIONS:
+        raise ValidationError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+
+
+def bf16_matmul_is_fast() -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware (AMX or AVX512-BF16); emulated it is slower."""
+    caps = getattr(torch.cpu, "get_capabilities", dict)()
+    return bool(caps.get("amx_bf16") or caps.get("avx512_bf16"))
+
+
 class Unembedding:
     """RMSNorm (the Llama/Qwen final norm) followed by the unembedding matrix, in float32."""
 
@@ -35,6 +49,8 @@ class Unembedding:
         self.norm_weight = norm_weight.detach().float().cpu()
         self.head = head.detach().float().cpu()          # [vocab, hidden]
         self.eps = float(eps)
+        self._head_bf16: torch.Tensor | None = None
+        self._packed: torch.Tensor | None = None
 
     @classmethod
     def of(cls, model) -> "Unembedding":
@@ -81,6 +97,121 @@ class Unembedding:
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """``[..., vocab]`` logits of residual rows ``[..., hidden]`` (final norm, then unembedding)."""
         return self.normed(h) @ self.head.T
+
+    def top_k(self, normed: torch.Tensor, k: int, precision: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-``k`` token ids and softmax probabilities of normed rows ``[n, hidden]``: ``([n, k], [n, k])``.
+
+        ``"exact"`` reads out every row in float32. ``"fast"`` finds candidates with a bfloat16
+        readout, then scores them in float32: ids, ranks and the top logits are the float32
+        readout's (a row whose candidates leave doubt is read out in float32 again); the
+        probabilities' normaliser takes the rest of the vocab from the bfloat16 logits, which moves
+        them by < 1 % relative (0.6 % at most over 6000 rows of the default model,
+        benchmarks/lens_bench.py; the stream's rounding to bfloat16 is most of it).
+        ``"auto"`` is ``"fast"`` where bfloat16 matmuls have hardware support (AMX / AVX512-BF16,
+        3-4x float32 here) and ``"exact"`` elsewhere.
+
+        >>> ids, probs = lens.top_k(lens.normed(h), 5, precision="exact")   # doctest: +SKIP
+        """
+        check_precision(precision)
+        if precision == "fast" or (precision == "auto" and bf16_matmul_is_fast()):
+            return self._top_k_fast(normed, k)
+        return self._top_k_exact(normed, k)
+
+    def _top_k_exact(self, normed: torch.Tensor, k: int, chunk: int = 512):
+        ids_out = torch.empty(normed.shape[0], k, dtype=torch.long)
+        probs_out = torch.empty(normed.shape[0], k)
+        with torch.inference_mode():
+            # chunks of rows: the [rows, vocab] logits stay in 100 MB blocks instead of one [L*T, vocab]
+            # tensor (1.2 GB for 30 layers x 200 tokens), and no softmax over the vocab is stored
+            for a in range(0, normed.shape[0], chunk):
+                logits = normed[a:a + chunk] @ self.head.T
+                top = torch.topk(logits, k, dim=-1)
+                ids_out[a:a + chunk] = top.indices
+                # the softmax normaliser in place from the top-k's max. Not torch.logsumexp (0.64 s against
+                # 0.34 s for 6000 rows here; benchmarks/lens_bench.py prints both): CPU exp is slow for inputs
+                # far below zero; clamped at -80 (e^-80 ~ 2e-35 per token, below float32 resolution next to
+                # the top token's 1) the sum is the same
+                top_logit = top.values[:, :1]
+                total = logits.sub_(top_logit).clamp_(min=-80.0).exp_().sum(-1, keepdim=True)
+                probs_out[a:a + chunk] = torch.exp(top.values - top_logit) / total
+        return ids_out, probs_out
+
+    def _top_k_fast(self, normed: torch.Tensor, k: int, margin: int = 16, chunk: int = 128):
+        # Why by hand: no library offers a mixed-precision top-k readout. The float32 matmul is ~2/3 of
+        # the exact lens's time (1.6 s of 2.5 s for 30 layers x 200 tokens here); a bfloat16 one is
+        # 0.33 s on AMX, but its logits are off by ~0.03 (up to ~0.5), enough to swap close tokens.
+        # So bfloat16 only proposes candidates and the rest of the normaliser; float32 decides.
+        n, vocab = normed.shape[0], self.head.shape[0]
+        want = min(k + margin, vocab)
+        block = 64 if vocab % 64 == 0 and vocab // 64 >= want else 1
+        ids_out = torch.empty(n, k, dtype=torch.long)
+        probs_out = torch.empty(n, k)
+        redo = []
+        rows_bf16 = normed.bfloat16()
+        logits = torch.empty(min(chunk, n), vocab)
+        offsets = torch.arange(block)
+        with torch.inference_mode():
+            for a in range(0, n, chunk):
+                h = normed[a:a + chunk]
+                c = h.shape[0]
+                lf = logits[:c]
+                lf.copy_(self._bf16_logits(rows_bf16[a:a + chunk], chunk))
+                # the candidates through 64-token block maxima: a token among the row's `want` largest
+                # lies in one of the `want` blocks with the largest maxima; a topk over the vocab
+                # itself costs ~2x more here
+                blocks = torch.topk(lf.view(c, vocab // block, block).amax(-1), want, dim=-1).indices
+                cols = (blocks[:, :, None] * block + offsets).view(c, -1)
+                cand = torch.topk(lf.gather(1, cols), want, dim=-1)
+                cand_ids = cols.gather(1, cand.indices)
+                # float32 logits of the candidates: the chunk's rows share most of them (neighbouring
+                # positions and layers), so one small matmul over the distinct ids, then a gather
+                distinct, where = torch.unique(cand_ids, return_inverse=True)
+                exact = (h @ self.head[distinct].T).gather(1, where)
+                top = torch.topk(exact, k, dim=-1)
+                approx = cand.values
+                # a token outside the candidates has a bfloat16 logit <= the last candidate's; its float32
+                # logit could still reach the k-th if the bfloat16 error is large: the error bound is
+                # taken from the candidates' own errors, with a 4x margin; such rows are redone exactly
+                err = (exact - approx).abs().amax(-1)
+                if want < vocab:
+                    doubt = approx[:, -1] + 4 * err >= top.values[:, -1]
+                    if bool(doubt.any()):
+                        redo.append(a + doubt.nonzero()[:, 0])
+                # the normaliser unshifted where the row's logits allow it (exp is finite up to 88; a
+                # far-negative token underflows, which is what it contributes anyway): shifting is one
+                # more pass over the [rows, vocab] block
+                top_logit = top.values[:, :1]
+                shift = torch.where(top_logit.abs() > 60, top_logit, torch.zeros_like(top_logit))
+                if bool(shift.any()):
+                    lf.sub_(shift)
+                total = lf.exp_().sum(-1, keepdim=True)
+                # the candidates' share from their float32 logits instead of the bfloat16 ones
+                total += (exact - shift).exp().sum(-1, keepdim=True) \
+                    - (approx - shift).clamp(min=-80.0).exp().sum(-1, keepdim=True)
+                ids_out[a:a + c] = cand_ids.gather(1, top.indices)
+                probs_out[a:a + c] = torch.exp(top.values - shift) / total
+        if redo:
+            rows = torch.cat(redo)
+            ids_out[rows], probs_out[rows] = self._top_k_exact(normed[rows], k)
+        return ids_out, probs_out
+
+    def _bf16_logits(self, rows: torch.Tensor, chunk: int) -> torch.Tensor:
+        """``rows @ head.T`` in bfloat16, through a oneDNN weight packed once where torch has the op."""
+        if self._head_bf16 is None:
+            self._head_bf16 = self.head.bfloat16()
+            # oneDNN re-lays the weight out for AMX on every plain matmul call (56 MB here, once per
+            # chunk); packing it once halves the readout (0.33 s -> 0.16 s for 6000 rows). These are
+            # the ops torch's own inductor freezing uses; any failure falls back to the plain matmul
+            try:
+                packed = torch.ops.mkldnn._reorder_linear_weight(self._head_bf16, chunk)
+                probe = self._head_bf16[:2]
+                got = torch.ops.mkldnn._linear_pointwise(probe, packed, None, "none", [], "")
+                self._packed = packed if torch.equal(got, probe @ self._head_bf16.T) else None
+            except Exception:   # noqa: BLE001 - an optional speed-up, any failure means "not here"
+                self._packed = None
+        if self._packed is not None:
+            return torch.ops.mkldnn._linear_pointwise(rows, self._packed, None, "none", [], "")
+        return rows @ self._head_bf16.T
 
 
 # ------------------------------------------------------------------------------------ direction unembedding
@@ -186,12 +317,14 @@ class LogitLens:
                 f"{''.join(body)}</table>")
 
 
-async def logit_lens(model, prompt, layers=None, top_k: int = 5, steering=None) -> LogitLens:
+async def logit_lens(model, prompt, layers=None, top_k: int = 5, steering=None,
+                     precision: str = "auto") -> LogitLens:
     """The logit lens of a prompt: each layer's stream through the final norm and unembedding.
 
     ``prompt`` is a string or chat messages (rendered with the chat template, no generation
     prompt). One forward captures every layer in ``layers`` (default all); the readout of all
     layers x positions is one batched matmul. The last layer's top-1 is the model's own next token.
+    ``precision`` is ``"auto"``, ``"fast"`` or ``"exact"``; see ``Unembedding.top_k``.
 
     >>> lens = await wb.logit_lens(model, "The capital of France is", top_k=3)   # doctest: +SKIP
     >>> lens.table().query("rank == 0").tail()                                   # doctest: +SKIP
@@ -201,6 +334,7 @@ async def logit_lens(model, prompt, layers=None, top_k: int = 5, steering=None) 
         raise ValidationError("logit_lens needs at least one layer")
     if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= 100:
         raise ValidationError(f"top_k must be an integer in 1..100, got {top_k!r}")
+    check_precision(precision)
     if isinstance(prompt, str):
         ids = model.tokenizer(prompt, add_special_tokens=True)["input_ids"]
     else:
@@ -212,23 +346,7 @@ async def logit_lens(model, prompt, layers=None, top_k: int = 5, steering=None) 
     lens = Unembedding.of(model)
     h = torch.cat([acts[layer].float() for layer in layers])            # [L*T, H]
     T = len(ids)
-    ids_out = torch.empty(h.shape[0], top_k, dtype=torch.long)
-    probs_out = torch.empty(h.shape[0], top_k)
-    normed = lens.normed(h)
-    with torch.inference_mode():
-        # chunks of rows: the [rows, vocab] logits stay in 100 MB blocks instead of one [L*T, vocab]
-        # tensor (1.2 GB for 30 layers x 200 tokens), and no softmax over the vocab is stored
-        for a in range(0, h.shape[0], 512):
-            logits = normed[a:a + 512] @ lens.head.T
-            top = torch.topk(logits, top_k, dim=-1)
-            ids_out[a:a + 512] = top.indices
-            # the softmax normaliser in place from the top-k's max. Not torch.logsumexp (0.64 s against
-            # 0.34 s for 6000 rows here; benchmarks/lens_bench.py prints both): CPU exp is slow for inputs
-            # far below zero; clamped at -80 (e^-80 ~ 2e-35 per token, below float32 resolution next to
-            # the top token's 1) the sum is the same
-            top_logit = top.values[:, :1]
-            total = logits.sub_(top_logit).clamp_(min=-80.0).exp_().sum(-1, keepdim=True)
-            probs_out[a:a + 512] = torch.exp(top.values - top_logit) / total
+    ids_out, probs_out = lens.top_k(lens.normed(h), top_k, precision=precision)
     top = torch.return_types.topk((probs_out.view(len(layers), T, top_k), ids_out.view(len(layers), T, top_k)))
     decode = model.tokenizer.decode
     cache: dict = {}

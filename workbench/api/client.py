@@ -128,11 +128,12 @@ def _feature_page(feature, model, corpus, top_n, window, bins, include_library):
         "include_library": include_library}
 
 
-def _logit_lens(messages, model, layers, top_k, steering):
+def _logit_lens(messages, model, layers, top_k, steering, precision):
     name, ivs = _model_and_interventions(model)
     return "/v1/lens/logit", s.LogitLensResponse, {"model": name, "messages": _messages(messages), "layers": layers,
                                                     "top_k": top_k, "interventions": ivs,
-                                                    "steering": _steering_dict(model, steering)}
+                                                    "steering": _steering_dict(model, steering),
+                                                    "precision": precision}
 
 
 def _direction_tokens(model, feature, vector, top_k):
@@ -293,12 +294,13 @@ class _Lens:
     def __init__(self, client):
         self._c = client
 
-    async def logit(self, messages, model, layers=None, top_k: int = 5, steering=None) -> s.LogitLensResponse:
-        """The logit lens of a conversation: top-k predictions per layer and position.
+    async def logit(self, messages, model, layers=None, top_k: int = 5, steering=None,
+                    precision: str = "auto") -> s.LogitLensResponse:
+        """The logit lens of a conversation: top-k predictions per layer and position (``precision``: see ``wb.logit_lens``).
 
         >>> lens = await client.lens.logit([{"role": "user", "content": "Hi"}], model="default")  # doctest: +SKIP
         """
-        return await _Features._call(self, _logit_lens(messages, model, layers, top_k, steering))
+        return await _Features._call(self, _logit_lens(messages, model, layers, top_k, steering, precision))
 
     async def direction(self, model, feature=None, vector=None, top_k: int = 20) -> s.DirectionTokensResponse:
         """Tokens a feature (or a vector) promotes and suppresses: ``(await client.lens.direction("default", "concept/pirate")).promoted``."""
@@ -496,9 +498,10 @@ class _SyncLens:
     def __init__(self, client):
         self._c = client
 
-    def logit(self, messages, model, layers=None, top_k: int = 5, steering=None) -> s.LogitLensResponse:
+    def logit(self, messages, model, layers=None, top_k: int = 5, steering=None,
+              precision: str = "auto") -> s.LogitLensResponse:
         """The logit lens of a conversation: ``client.lens.logit(msgs, model="default").top_tokens``."""
-        return _SyncFeatures._call(self, _logit_lens(messages, model, layers, top_k, steering))
+        return _SyncFeatures._call(self, _logit_lens(messages, model, layers, top_k, steering, precision))
 
     def direction(self, model, feature=None, vector=None, top_k: int = 20) -> s.DirectionTokensResponse:
         """Tokens a feature (or a vector) promotes and suppresses: ``client.lens.direction("default", "concept/pirate")``."""

@@ -221,7 +221,7 @@ class Service:
 
         name = self.check_model(req.model)
         lens = await logit_lens(self.model, self._messages(req.messages), layers=req.layers, top_k=req.top_k,
-                                steering=await self._spec(req))
+                                steering=await self._spec(req), precision=req.precision)
         return s.LogitLensResponse(**self._meta("lens"), model=name, **lens.to_dict())
 
     async def direction_tokens(self, req: s.DirectionTokensRequest) -> s.DirectionTokensResponse:

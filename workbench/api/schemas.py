@@ -633,6 +633,7 @@ class LogitLensRequest(_Body):
     top_k: int = Field(5, ge=1, le=50)
     interventions: Optional[list[InterventionSpec]] = None
     steering: Optional[dict] = None
+    precision: Literal["auto", "fast", "exact"] = "auto"
 
 
 class LogitLensResponse(_Body):
