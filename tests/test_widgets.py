@@ -405,6 +405,31 @@ async def test_workbench_feeds_the_monitor_from_the_steered_stream(default_model
     assert len(bench.chat.history["steered"]) == 2                     # regenerated, not appended
 
 
+async def test_a_mistyped_probe_costs_the_plot_not_the_steered_reply(default_model):
+    """An unknown feature id in the monitor's box: the steered reply still streams, the error shows in the monitor."""
+    bench = Workbench(default_model)
+    bench.dials.add_feature(default_model.features["concept/pirate"], strength=0.4)
+    bench.chat.max_tokens.value = 12
+    bench.monitor.probes.value = "concept/no-such-feature"
+    bench.chat.send(TOKYO)
+    await bench.wait()
+    assert bench.chat.error.value == "" and "no-such-feature" in bench.monitor.error.value
+    steered = bench.chat.history["steered"][-1]["content"]
+    assert steered and steered != bench.chat.history["baseline"][-1]["content"]
+    # with a condition on that probe the steered reply cannot be what was asked for: the refusal stands
+    bench.monitor.conditional.value = True
+    bench.chat.regenerate(("steered",))
+    await bench.wait()
+    assert "no-such-feature" in bench.chat.error.value
+    # a valid probe again: the monitor's error clears
+    bench.monitor.conditional.value = False
+    bench.monitor.probes.value = "concept/pirate"
+    bench.chat.regenerate(("steered",))
+    await bench.wait()
+    assert bench.monitor.error.value == "" and bench.chat.error.value == "" and bench.monitor.data["names"] == ["concept/pirate"]
+    assert bench.chat.history["steered"][-1]["content"] == steered      # the same steered reply, now watched
+
+
 async def test_inspect_tabs_fill_lens_direction_and_page(default_model):
     panel = InspectPanel(default_model)
     chat = [{"role": "user", "content": "Arr, where be the treasure?"}, {"role": "assistant", "content": "On the ship, matey!"}]

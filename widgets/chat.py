@@ -184,6 +184,27 @@ class ChatPanel(Panel):
             self.busy = False
             self.turns += 1
 
+    async def _without_bad_probes(self, stream, open_stream):
+        """The watched stream; if the server refuses it before the first chunk, the reply unwatched.
+
+        A mistyped feature id in the monitor's box must cost the plot, not the steered reply: the
+        error shows in the monitor panel. With a condition the refusal stands (steering without its
+        condition is not what was asked for); if the unwatched request fails too, that error stands.
+        """
+        chunks = aiter(stream)
+        try:
+            first = await anext(chunks)
+        except StopAsyncIteration:
+            return
+        except wb.APIValidationError as exc:
+            self.monitor.show_error(exc)
+            async for chunk in open_stream({}):
+                yield chunk
+            return
+        yield first
+        async for chunk in chunks:
+            yield chunk
+
     async def _one(self, column: str, name: str, started: float) -> None:
         view = self._view(column)
         prefill = self.prefill.value
@@ -195,13 +216,18 @@ class ChatPanel(Panel):
         ivs = _interventions(self.variant) if column == "steered" else []
         spec = getattr(self.variant, "spec", None) if column == "steered" else None
         watch = self.monitor.request_options() if column == "steered" and self.monitor is not None else {}
-        try:
+
+        def open_stream(watch: dict):
             stream = self.client.chat.completions.create_stream(
                 model=name, messages=messages, interventions=ivs or None, steering=spec, temperature=self.temperature.value,
                 max_completion_tokens=self.max_tokens.value, seed=self.seed.value, continue_final_message=bool(prefill),
                 repetition_penalty=self.repetition_penalty.value, **watch)
-            if watch:
-                stream = self.monitor.follow(stream)
+            return self.monitor.follow(stream) if watch else stream
+
+        try:
+            stream = open_stream(watch)
+            if watch and "condition" not in watch:
+                stream = self._without_bad_probes(stream, open_stream)
             async for chunk in stream:
                 if chunk.choices and chunk.choices[0].finish_reason:
                     self.timing[column + "_finish"] = chunk.choices[0].finish_reason

@@ -118,6 +118,7 @@ class MonitorPanel(Panel):
         """Pass a monitored stream's chunks through, drawing the values as they come."""
         live, last = _Live(), 0.0
         self.status.value = "watching…"
+        self.show_error(None)
         try:
             async for chunk in chunks:
                 live.add(chunk)
