@@ -82,6 +82,7 @@ bench: $(VENV)/.vllm-stamp
 	$(PY) benchmarks/vllm_bench.py
 	$(PY) benchmarks/monitor_bench.py
 	$(PY) benchmarks/lens_bench.py
+	$(PY) benchmarks/threads_bench.py
 
 serve: setup
 	$(VENV)/bin/workbench serve $(SERVE_ARGS)

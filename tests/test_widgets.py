@@ -405,6 +405,22 @@ async def test_workbench_feeds_the_monitor_from_the_steered_stream(default_model
     assert len(bench.chat.history["steered"]) == 2                     # regenerated, not appended
 
 
+async def test_the_monitor_never_holds_back_a_token_to_draw(default_model):
+    """A live redraw comes after the chunk has gone on: the first token is not delayed by a plot."""
+    panel = MonitorPanel(default_model, probes=["concept/pirate"])
+    panel.redraw_interval = 0.0
+    events = []
+    real = panel._draw
+    panel._draw = lambda data, final=True: (events.append("draw"), real(data, final))[1]
+    stream = panel.client.chat.completions.create_stream(model=default_model.model_name, messages=SEA,
+                                                         monitor=["concept/pirate"], max_completion_tokens=6,
+                                                         temperature=0.0)
+    async for chunk in panel.follow(stream):
+        if chunk.choices and chunk.choices[0].delta.content:
+            events.append("token")
+    assert events[0] == "token" and events.count("draw") >= 3 and events[-1] == "draw"
+
+
 async def test_a_mistyped_probe_costs_the_plot_not_the_steered_reply(default_model):
     """An unknown feature id in the monitor's box: the steered reply still streams, the error shows in the monitor."""
     bench = Workbench(default_model)

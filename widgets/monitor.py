@@ -122,10 +122,12 @@ class MonitorPanel(Panel):
         try:
             async for chunk in chunks:
                 live.add(chunk)
-                if live.header is not None and time.monotonic() - last >= self.redraw_interval:
+                # the chunk goes on first: a redraw (a plotly figure built and sent) must not hold a
+                # token back, above all the first one after a slider move (benchmarks/widgets_bench.py)
+                yield chunk
+                if live.generated and time.monotonic() - last >= self.redraw_interval:
                     self._draw(live.data(), final=False)
                     last = time.monotonic()
-                yield chunk
         finally:
             if live.header is not None:
                 self._draw(live.data())
