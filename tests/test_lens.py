@@ -44,6 +44,18 @@ async def test_fast_lens_ranks_like_float32_at_every_layer(default_model):
     assert (fast.top_probs != exact.top_probs).any()     # it did take the bfloat16 path
 
 
+async def test_the_readout_runs_off_the_event_loop(default_model, monkeypatch):
+    """The readout (0.5-2 s) runs in a worker thread: a kernel's or server's loop keeps streaming meanwhile."""
+    import threading
+
+    seen = []
+    real = Unembedding.top_k
+    monkeypatch.setattr(Unembedding, "top_k", lambda self, *a, **k: (seen.append(threading.get_ident()),
+                                                                     real(self, *a, **k))[1])
+    await wb.logit_lens(default_model, CHAT, layers=[29], top_k=1)
+    assert seen and seen[0] != threading.get_ident()
+
+
 def _toy_readout(vocab: int, hidden: int = 64, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     lens = Unembedding(1 + 0.1 * torch.randn(hidden, generator=g), torch.randn(vocab, hidden, generator=g), 1e-6)

@@ -478,6 +478,15 @@ async def test_inspect_tabs_fill_lens_direction_and_page(default_model):
     await panel.wait()
     assert panel.tabs.selected_index == 3 and "wb-feature-page" in panel.page_view.html.value
     assert panel.page_view.page.feature.id == panel.items[1].id and panel.error.value == ""
+    # "on each turn": the next conversation is read without a click, and only once
+    runs = []
+    real_run = panel.lens.run
+    panel.lens.run = lambda *a, **k: (runs.append(a[0]), real_run(*a, **k))[1]
+    panel.lens.auto.value = True
+    longer = chat + [{"role": "user", "content": "And the map?"}]
+    await panel.refresh(longer)
+    await panel.wait()
+    assert runs == [longer] and panel.lens.result.tokens[-3:] != result.tokens[-3:]
 
 
 async def test_picker_page_button_shows_the_feature_page(default_model):

@@ -15,7 +15,9 @@ class LensPanel(Panel):
     """A layers x positions heatmap of the logit lens (``lens.logit``): the top-1 prediction and its probability.
 
     "Run lens" reads the conversation last given to ``set_conversation`` (the ``InspectPanel`` gives
-    it the steered one, under its steering); ``run(messages, ...)`` does it directly.
+    it the steered one, under its steering); ``run(messages, ...)`` does it directly. With "on each
+    turn" ticked, every new conversation is read at once. It is off by default: the readout keeps
+    both cores busy for ~0.5-1 s after each reply, which a dial moved right then would wait for.
 
     >>> lens = LensPanel(model); await lens.run([{"role": "user", "content": "The capital of France is"}])  # doctest: +SKIP
     """
@@ -26,24 +28,30 @@ class LensPanel(Panel):
                                    tooltip="the logit lens of the current steered conversation")
         self.run_button.add_class("wb-lens-run")
         self.last_tokens = w.IntText(value=48, description="last tokens", layout=w.Layout(width="180px"))
+        self.auto = w.Checkbox(value=False, description="on each turn", indent=False,
+                               tooltip="read every new conversation at once")
+        self.auto.add_class("wb-lens-auto")
         self.figure = figure_widget()
         self.status = w.HTML("<i>run the lens on a conversation</i>")
         self.result = None
         self._conversation = None
         self.export = ExportRow({"lens": self.figure}, "logit-lens", self.show_error)
-        super().__init__(source, [w.HBox([self.run_button, self.last_tokens]), self.figure, self.status, self.export],
-                         **kwargs)
+        super().__init__(source, [w.HBox([self.run_button, self.last_tokens, self.auto]), self.figure, self.status,
+                                  self.export], **kwargs)
         self.add_class("wb-lens")
         self.run_button.on_click(lambda _: self._conversation and self._spawn(self.run(*self._conversation)))
 
     def set_conversation(self, messages, interventions=None, steering=None) -> None:
-        """What "Run lens" reads next."""
+        """What "Run lens" reads next (read at once when "on each turn" is ticked)."""
         self._conversation = (messages, interventions, steering)
         self.run_button.disabled = not messages
+        if self.auto.value and messages:
+            self._spawn(self.run(messages, interventions, steering))
 
     async def run(self, messages, interventions=None, steering=None, layers=None):
         """Fetch the logit lens of ``messages`` (under ``interventions`` and a ``steering`` spec) and draw it."""
-        self.set_conversation(messages, interventions, steering)   # "Run lens" repeats it
+        self._conversation = (messages, interventions, steering)   # "Run lens" repeats it
+        self.run_button.disabled = not messages
         self.status.value = "running the lens…"
         name = await self.session.model_name()
         model = wb.Variant(name).add_interventions(interventions) if interventions else name

@@ -13,6 +13,7 @@ from the model folder's safetensors files.
 
 from __future__ import annotations
 
+import asyncio
 import html
 import json
 from dataclasses import dataclass, field
@@ -344,9 +345,15 @@ async def logit_lens(model, prompt, layers=None, top_k: int = 5, steering=None,
         ids = render_chat(model.tokenizer, conv, check_chat_options({"add_generation_prompt": False})).token_ids
     [acts] = await model.encode([ids], layers=layers, steering=steering)
     lens = Unembedding.of(model)
-    h = torch.cat([acts[layer].float() for layer in layers])            # [L*T, H]
     T = len(ids)
-    ids_out, probs_out = lens.top_k(lens.normed(h), top_k, precision=precision)
+
+    def readout():
+        h = torch.cat([acts[layer].float() for layer in layers])        # [L*T, H]
+        return lens.top_k(lens.normed(h), top_k, precision=precision)
+
+    # in a worker thread: the readout takes ~0.5 s (more in float32) and the event loop (a notebook
+    # kernel's, a server's) keeps streaming other replies meanwhile
+    ids_out, probs_out = await asyncio.to_thread(readout)
     top = torch.return_types.topk((probs_out.view(len(layers), T, top_k), ids_out.view(len(layers), T, top_k)))
     decode = model.tokenizer.decode
     cache: dict = {}
