@@ -57,13 +57,15 @@ async def test_conditional_stream_deltas_add_up_to_the_completions(client, defau
     header = [c.monitor for c in chunks if c.monitor is not None]
     assert len(header) == 1 and header[0].names == ["dir"] and header[0].prompt_len == pr.prompt_len
     deltas = [c.projections for c in chunks if c.projections is not None]
-    at, values, steered = 0, [], []
+    at, values, steered, tokens = 0, [], [], []
     for d in deltas:
-        assert d.start == at
+        assert d.start == at and len(d.tokens) == len(d.values)
         at += len(d.values)
         values += d.values
         steered += d.steered
+        tokens += d.tokens
     assert at == len(pr.values) and steered == pr.steered
+    assert tokens == pr.tokens                      # each position named by its own token, prompt then reply
     torch.testing.assert_close(torch.tensor(values), torch.tensor(pr.values))
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == full.choices[0].message.content
 
@@ -118,3 +120,8 @@ async def test_vllm_backend_monitors_through_the_api(vllm_model, default_model):
     assert got.choices[0].projections.steered == want.choices[0].projections.steered
     torch.testing.assert_close(torch.tensor(got.choices[0].projections.values),
                                torch.tensor(want.choices[0].projections.values), rtol=1e-3, atol=2e-2)
+    # streamed: the deltas name their positions with the same tokens (vLLM reports values before a step's token)
+    chunks = [c async for c in ours.chat.completions.create_stream(
+        model=vllm_model.model_name, messages=CHAT, steering=spec, condition=cond, monitor=[probe], **GREEDY)]
+    tokens = [t for c in chunks if c.projections is not None for t in c.projections.tokens]
+    assert tokens == got.choices[0].projections.tokens

@@ -19,7 +19,8 @@ class _Live:
         self.header = None
         self.values: list = []
         self.steered: list | None = None
-        self.generated: list = []      # delta text of each content chunk: about one token each
+        self.tokens: list = []         # per position: its token's text, as the server names it
+        self.generated: list = []      # delta text of each content chunk (servers that do not name positions)
 
     def add(self, chunk) -> None:
         if chunk.monitor is not None:
@@ -30,14 +31,17 @@ class _Live:
             self.values += pr.values
             if pr.steered is not None:
                 self.steered = (self.steered or [])[:pr.start] + list(pr.steered)
+            if pr.tokens is not None:
+                self.tokens = self.tokens[:pr.start] + list(pr.tokens)
         if chunk.choices and chunk.choices[0].delta.content:
             self.generated.append(chunk.choices[0].delta.content)
 
     def data(self) -> dict:
         h = self.header
         steered = None if self.steered is None else self.steered + [False] * (len(self.values) - len(self.steered))
+        tokens = self.tokens if len(self.tokens) >= len(self.values) else list(h.prompt_tokens) + self.generated
         return {"names": list(h.names), "layers": list(h.layers), "values": list(self.values),
-                "tokens": list(h.prompt_tokens) + self.generated, "prompt_len": h.prompt_len,
+                "tokens": tokens, "prompt_len": h.prompt_len,
                 "boundaries": list(h.boundaries), "roles": list(h.roles), "steered": steered}
 
 

@@ -211,6 +211,7 @@ class ProjectionDelta:
     start: int
     values: torch.Tensor            # [n, probes]
     steered: list | None = None     # per position: was its stream steered (conditional specs)
+    tokens: list | None = None      # per position: its token's text (the prompt's, then the reply's fed back)
 
 
 @dataclass

@@ -166,7 +166,8 @@ class Service:
                 extra["monitor"] = s.MonitorHeader(**piece.monitor_header)
             if piece is not None and piece.projections is not None:
                 d = piece.projections
-                extra["projections"] = s.ProjectionDeltaBody(start=d.start, values=d.values.tolist(), steered=d.steered)
+                extra["projections"] = s.ProjectionDeltaBody(start=d.start, values=d.values.tolist(), steered=d.steered,
+                                                             tokens=d.tokens)
             return s.ChatCompletionChunk(**meta, model=name, **extra,
                                          choices=[s.ChatCompletionChunkChoice(index=0, delta=delta, finish_reason=finish)])
 

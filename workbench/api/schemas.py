@@ -191,6 +191,7 @@ class ProjectionDeltaBody(_Body):
     start: int
     values: list[list[float]]
     steered: Optional[list[bool]] = None
+    tokens: Optional[list[str]] = None    # per position: its token's text (a chunk's text can hold two tokens)
 
 
 class MonitorHeader(_Body):

@@ -115,6 +115,14 @@ def _join(a, b):
     return ProjectionDelta(a.start, torch.cat([a.values, b.values]), steered)
 
 
+def _with_tokens(delta, prompt_texts: list, reply_ids: list, text):
+    """``delta`` with the text of each of its positions: a prompt token's, else the reply token fed back there."""
+    P = len(prompt_texts)
+    delta.tokens = [prompt_texts[p] if p < P else text(reply_ids[p - P]) if p - P < len(reply_ids) else ""
+                    for p in range(delta.start, delta.start + len(delta.values))]
+    return delta
+
+
 @dataclass
 class _Result:
     text: str
@@ -597,10 +605,12 @@ class SteerModel:
             request = self._new_request(rendered.token_ids, sampling, self._global if spec is None else spec, (), probes)
             request.live_projections = True
             header = None
+            prompt_texts: list = []
+            reply_ids: list = []
             if request.watched:
+                prompt_texts = [self._token_text(t) for t in rendered.token_ids]
                 header = {"names": [p.name for p in probes], "layers": [p.layer for p in probes],
-                          "prompt_len": len(rendered.token_ids),
-                          "prompt_tokens": [self._token_text(t) for t in rendered.token_ids],
+                          "prompt_len": len(rendered.token_ids), "prompt_tokens": prompt_texts,
                           "boundaries": [b.start_token for b in rendered.boundaries],
                           "roles": [b.role for b in rendered.boundaries]}
             pending = None  # projections wait for the next chunk (they trail the text by one step)
@@ -611,10 +621,14 @@ class SteerModel:
                     continue
                 if isinstance(event, TokenEvent):
                     chunk = StreamChunk(text=event.text, token_ids=[event.token_id])
+                    reply_ids.append(event.token_id)
                 elif isinstance(event, FinishEvent):
                     chunk = StreamChunk(text="", token_ids=[], finish_reason=event.finish_reason)
                 else:  # pragma: no cover - the event types are closed
                     continue
+                if pending is not None:
+                    # per position, not per chunk: a chunk's text can hold a partial character or two tokens
+                    pending = _with_tokens(pending, prompt_texts, reply_ids, self._token_text)
                 chunk.projections, pending = pending, None
                 chunk.monitor_header, header = header, None
                 yield chunk
