@@ -402,6 +402,7 @@ async def test_workbench_feeds_the_monitor_from_the_steered_stream(default_model
     await bench.wait()
     assert bench.chat.history["steered"][-1]["content"] == baseline and not any(bench.monitor.data["steered"])
     assert len(bench.chat.history["steered"]) == 2                     # regenerated, not appended
+    assert "without the monitor's condition" in bench.status.value      # the plots say what they show
 
 
 async def test_the_monitor_never_holds_back_a_token_to_draw(default_model):

@@ -104,7 +104,11 @@ class Workbench(Panel):
         self.status.value = "<i>updating plots…</i>"
         await asyncio.gather(self.norms.refresh(self.chat.messages("baseline"), steered, ivs, spec),
                              self.inspect.refresh(steered, ivs, spec))
-        self.status.value = "<span class='wb-plots-ready'>plots up to date</span>"
+        # a conditional reply cannot be replayed in one forward (in token mode each position's decision
+        # depends on the positions before it, steered or not), so the plots say what they show
+        caveat = (" · <i>norms and inspect read the steered conversation under the dials' spec without the "
+                  "monitor's condition</i>") if self._plots and self.monitor.condition() is not None else ""
+        self.status.value = f"<span class='wb-plots-ready'>plots up to date</span>{caveat}"
 
     async def wait(self) -> None:
         """Wait until every panel is idle (replies streamed, plots drawn)."""
