@@ -78,7 +78,9 @@ class FinishEvent:
     finish_reason: str
     text: str
     token_ids: list
-    captures: dict  # layer -> [tokens, hidden] tensor
+    # layer -> [tokens, hidden] tensor; or a backend's stand-in for captures kept elsewhere (vLLM's
+    # _Remote: still in the workers), which ``materialize`` / ``make_handle`` turn into that dict
+    captures: dict | Any
     logits: object = None  # [vocab] next-token logits after the prompt, when asked for
     logprobs: list | None = None  # per generated token {token_id: Logprob}, when SamplingParams.logprobs is set
     cumulative_logprob: float | None = None
@@ -128,7 +130,7 @@ class _Result:
     text: str
     token_ids: list
     finish_reason: str
-    captures: dict
+    captures: dict | Any   # as FinishEvent.captures
     logits: object = None
     logprobs: list | None = None
     cumulative_logprob: float | None = None

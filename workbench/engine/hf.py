@@ -17,6 +17,7 @@ import threading
 import time
 import weakref
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -30,6 +31,10 @@ from .base import Capabilities, ErrorEvent, SteerModel, engine_attribute, Finish
 from .detok import TextStream, token_step
 from .prefix_cache import PrefixCache
 from .scheduler import ThreadedEngine
+
+if TYPE_CHECKING:  # imported where used at run time: transformers is slow to import
+    from transformers import DynamicCache
+    from transformers.cache_utils import CacheLayerMixin, DynamicLayer, LinearAttentionCacheLayerMixin
 
 
 @dataclass
@@ -45,8 +50,8 @@ class _Row:
     logprobs: list | None = None  # per generated token {id: Logprob}, when the request asks for them
     fed: int = 0           # positions fed through the model so far
     probe_tables: dict | None = None  # monitor: layer -> probe table (monitor.probe_tables)
-    cond: object = None    # monitor.ConditionState of a conditional spec
-    pass_values: object = None  # [n, probes] values of this pass's positions
+    cond: ConditionState | None = None  # of a conditional spec
+    pass_values: torch.Tensor | None = None  # [n, probes] values of this pass's positions
     pass_steered: list | None = None
 
 
@@ -77,7 +82,9 @@ class HFEngine(ThreadedEngine):
                  prefix_cache_mb: float = 256):
         config = hf_model.config
         layers = _decoder_layers(hf_model)
-        ctx = int(max_model_len or getattr(config, "max_position_embeddings", 2048))
+        # a local: mypy mis-infers `int(x or getattr(...))`
+        model_len: int = getattr(config, "max_position_embeddings", 2048)
+        ctx = int(max_model_len or model_len)
         self._init_shape(model_name, tokenizer, config.hidden_size, len(layers), ctx)
         self.hf_model = hf_model
         self.device = next(hf_model.parameters()).device
@@ -90,16 +97,18 @@ class HFEngine(ThreadedEngine):
         self._pass: _Pass | None = None
         self._hooks = [layer.register_forward_hook(self._make_hook(i)) for i, layer in enumerate(layers)]
         self._init_queue()
+        # the running batch: rows, their KV, attention mask [B, width] and next positions [B]; the last
+        # three are None exactly when there are no rows
         self._rows: list[_Row] = []
-        self._cache = None
-        self._mask = None
-        self._next_pos = None
-        self._plan_key = None
-        self._plans = {}
+        self._cache: DynamicCache | None = None
+        self._mask: torch.Tensor | None = None
+        self._next_pos: torch.Tensor | None = None
+        self._plan_key: tuple[int, ...] | None = None  # ids of the specs self._plans was built for
+        self._plans: dict = {}
         self.stats = {"prefill_passes": 0, "decode_passes": 0, "tokens": 0, "max_batch": 0, "requests": 0,
                       "prefix_hit_tokens": 0, "encode_passes": 0}
         self.prefix_cache = PrefixCache(int(prefix_cache_mb * 2**20)) if prefix_cache_mb > 0 else None
-        self._kv_shape = None
+        self._kv_shape: tuple[int, int] | None = None  # (heads, head dim) of a KV entry, once known
         self._start_thread(self._loop, "hf")
         _LIVE.add(self)
 
@@ -124,7 +133,8 @@ class HFEngine(ThreadedEngine):
                     self._rows = []
                     return
                 room = self.max_batch_size - len(self._rows)
-                new, encode = [], []
+                new: list[Request] = []
+                encode: list[Request] = []
                 while self._pending and len(new) < room and len(encode) < self.max_batch_size:
                     req = self._pending.popleft()
                     if not req.cancelled:
@@ -183,6 +193,7 @@ class HFEngine(ThreadedEngine):
         that raise alone fail, and the rest run their batched step again. A failure no single row
         reproduces is the batch's, and fails it (the caller's handler).
         """
+        assert self._mask is not None and self._cache is not None  # only called with a running batch
         width = self._mask.shape[1]
         marks = [(chunks, len(chunks)) for row in self._rows for chunks in row.chunks.values()]
         try:
@@ -195,7 +206,7 @@ class HFEngine(ThreadedEngine):
         self._mask = self._mask[:, :width]
         for chunks, n in marks:
             del chunks[n:]
-        culprits = []
+        culprits: list[tuple[_Row, Exception]] = []
         for i, row in enumerate(self._rows):
             try:
                 self._probe(i)
@@ -203,8 +214,8 @@ class HFEngine(ThreadedEngine):
                 culprits.append((row, exc))
         if not culprits:
             raise first
-        for row, exc in culprits:
-            self._fail(row.req, exc, row)
+        for row, err in culprits:  # not `exc`: Python unbinds an except clause's name when the clause ends
+            self._fail(row.req, err, row)
         self._drop_finished()
         if self._rows:
             self._decode()
@@ -213,9 +224,10 @@ class HFEngine(ThreadedEngine):
         """Row ``i``'s next decode forward alone, on a copy of its cache; the batch's state is untouched."""
         from transformers import DynamicCache
 
+        assert self._cache is not None and self._mask is not None and self._next_pos is not None  # a running batch
         row = self._rows[i]
-        cache = DynamicCache(ddp_cache_data=[(layer.keys[i:i + 1].clone(), layer.values[i:i + 1].clone())
-                                             for layer in self._cache.layers])
+        cache = DynamicCache(ddp_cache_data=[(keys[i:i + 1].clone(), values[i:i + 1].clone())
+                                             for keys, values in map(_kv, self._cache.layers)])
         mask = torch.cat([self._mask[i:i + 1], self._mask.new_ones((1, 1))], dim=1)
         ids = torch.tensor([[row.out_ids[-1]]], device=self.device)
         self._pass = _Pass(self._build_plans([self._effective(row, row.fed)]), {})
@@ -320,6 +332,7 @@ class HFEngine(ThreadedEngine):
         return empty, empty
 
     def _decode(self) -> None:
+        assert self._mask is not None and self._next_pos is not None  # only called with a running batch
         rows = self._rows
         ids = torch.tensor([[r.out_ids[-1]] for r in rows], device=self.device)
         mask = torch.cat([self._mask, self._mask.new_ones((len(rows), 1))], dim=1)
@@ -338,16 +351,17 @@ class HFEngine(ThreadedEngine):
         self.stats["decode_passes"] += 1
         self._sample(rows, out.logits[:, -1, :])
 
-    def _merge(self, rows, cache, mask, lens) -> None:
+    def _merge(self, rows: list[_Row], cache: DynamicCache, mask: torch.Tensor, lens: torch.Tensor) -> None:
         """Add freshly prefilled rows to the running batch, left-padding the shorter side."""
         if not self._rows:
             self._rows, self._cache, self._mask, self._next_pos = list(rows), cache, mask, lens
         else:
+            assert self._cache is not None and self._mask is not None and self._next_pos is not None  # rows: a batch
             width = max(self._mask.shape[1], mask.shape[1])
             data = []
-            for old, new in zip(self._cache.layers, cache.layers):
-                data.append((torch.cat([_lpad(old.keys, width), _lpad(new.keys, width)]),
-                             torch.cat([_lpad(old.values, width), _lpad(new.values, width)])))
+            for (old_k, old_v), (new_k, new_v) in zip(map(_kv, self._cache.layers), map(_kv, cache.layers)):
+                data.append((torch.cat([_lpad(old_k, width), _lpad(new_k, width)]),
+                             torch.cat([_lpad(old_v, width), _lpad(new_v, width)])))
             from transformers import DynamicCache
 
             merged = (DynamicCache(ddp_cache_data=data),
@@ -360,7 +374,7 @@ class HFEngine(ThreadedEngine):
         self._plan_key = None
         self.stats["max_batch"] = max(self.stats["max_batch"], len(self._rows))
         if self._cache.layers and self._kv_shape is None:
-            k = self._cache.layers[0].keys
+            k, _ = _kv(self._cache.layers[0])
             self._kv_shape = (k.shape[1], k.shape[3])
 
     def _drop_finished(self) -> None:
@@ -375,6 +389,8 @@ class HFEngine(ThreadedEngine):
         if not keep:
             self._reset_batch()
             return
+        # rows were running (keep is a strict, non-empty subset of them): the batch is there
+        assert self._cache is not None and self._mask is not None and self._next_pos is not None
         index = torch.tensor(keep, device=self.device)
         self._rows = [self._rows[i] for i in keep]
         self._mask = self._mask[index]
@@ -382,15 +398,19 @@ class HFEngine(ThreadedEngine):
         # leading columns that are padding for every remaining row can go
         first = int(self._mask.any(dim=0).nonzero()[0])
         self._mask = self._mask[:, first:]
-        for layer in self._cache.layers:
-            layer.keys = layer.keys[index, :, first:]
-            layer.values = layer.values[index, :, first:]
+        for layer in map(_kv_layer, self._cache.layers):
+            keys, values = _kv(layer)
+            layer.keys = keys[index, :, first:]
+            layer.values = values[index, :, first:]
         self._plan_key = None
 
     def _remember(self, i: int, row: _Row) -> None:
         """Keep the KV of what this row fed through the model (prompt, generated but the last), for later prefixes."""
+        # _drop_finished calls this only with a prefix cache and a running batch
+        assert self.prefix_cache is not None and self._cache is not None and self._mask is not None
         real = self._mask[i].bool()
-        kv = [(layer.keys[i:i + 1, :, real], layer.values[i:i + 1, :, real]) for layer in self._cache.layers]  # copies
+        kv = [(keys[i:i + 1, :, real], values[i:i + 1, :, real])  # copies
+              for keys, values in map(_kv, self._cache.layers)]
         tokens = row.req.prompt_ids + row.out_ids[:-1]
         if kv and kv[0][0].shape[2] == len(tokens):
             self.prefix_cache.store(row.req.fingerprint, tokens, kv)
@@ -495,7 +515,7 @@ class HFEngine(ThreadedEngine):
         return cmap
 
     def _build_plans(self, specs: list[SteeringSpec]) -> dict:
-        plans = {}
+        plans: dict[int, tuple[str, object]] = {}  # see _Pass.plans
         layers = sorted({L for s in specs for L in s.layer_indices()})
         for L in layers:
             ops = [s.layers[L].operations if L in s.layers else [] for s in specs]
@@ -555,6 +575,7 @@ class HFSteerModel(SteerModel):
     max_batch_size = engine_attribute("max_batch_size")
     prefix_cache = engine_attribute("prefix_cache", "The engine's prefix cache of steered prompt KV (None: off).",
                                     settable=True)
+    load_seconds: float  # seconds ``load_hf`` took (set there; a model built directly has none)
 
     def __init__(self, hf_model, tokenizer, model_name: str, max_model_len: int | None = None, max_batch_size: int = 64,
                  prefix_cache_mb: float = 256):
@@ -597,6 +618,23 @@ def _ops(h: torch.Tensor, ops) -> torch.Tensor:
     for op in ops:
         out = op.apply(out)
     return out.to(h.dtype)
+
+
+def _kv_layer(layer: CacheLayerMixin | LinearAttentionCacheLayerMixin) -> DynamicLayer:
+    """One of the engine's cache layers as what it is: the engine builds its caches without a config,
+    so every layer is a ``DynamicLayer`` (never a hybrid model's linear-attention layer)."""
+    from transformers.cache_utils import DynamicLayer
+
+    assert isinstance(layer, DynamicLayer)
+    return layer
+
+
+def _kv(layer: CacheLayerMixin | LinearAttentionCacheLayerMixin) -> tuple[torch.Tensor, torch.Tensor]:
+    """A cache layer's keys and values: None only before its first update, and every layer of the
+    engine's caches has had one (a forward filled it, or it was built from KV)."""
+    kv = _kv_layer(layer)
+    assert kv.keys is not None and kv.values is not None
+    return kv.keys, kv.values
 
 
 def _lpad(t: torch.Tensor, width: int, dim: int = 2) -> torch.Tensor:

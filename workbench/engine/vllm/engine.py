@@ -40,6 +40,7 @@ import time
 import weakref
 from collections import deque
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -58,6 +59,10 @@ from .supervision import (
 )
 from .tables import Slots, pack_spec
 from .worker import CONFIG_KEY
+
+if TYPE_CHECKING:  # at run time vLLM is reached through _compat only (and may not be installed)
+    from vllm.inputs import TokensPrompt
+    from vllm.v1.engine.llm_engine import LLMEngine
 
 
 @dataclass
@@ -130,7 +135,7 @@ class VLLMSteeringConfig:
     tensor_parallel_size: int = 1
     gpu_memory_utilization: float | None = None
     max_model_len: int | None = None
-    dtype: str = "auto"
+    dtype: str | torch.dtype | None = "auto"  # "auto" (or None), a name like "bfloat16", or a torch.dtype
     bootstrap_layers: tuple = ()
 
 
@@ -195,7 +200,9 @@ class VLLMEngine(ThreadedEngine):
             raise ValidationError(
                 f"tensor_parallel_size={tensor_parallel_size} does not divide the model's {heads} attention heads; "
                 f"use a divisor of {heads}")
-        max_model_len = int(cfg.max_model_len or getattr(hf_config, "max_position_embeddings", 2048))
+        # a local: mypy mis-infers `int(x or getattr(...))`
+        model_len: int = getattr(hf_config, "max_position_embeddings", 2048)
+        max_model_len = int(cfg.max_model_len or model_len)
         tokenizer = AutoTokenizer.from_pretrained(str(path))
         layer_count = int(hf_config.num_hidden_layers)
         self._init_shape(model_name or canonical_name(cfg.model_name), tokenizer, hf_config.hidden_size, layer_count,
@@ -228,7 +235,7 @@ class VLLMEngine(ThreadedEngine):
         self._aborts: list = []
         self._releases: list = []
         self._live: dict = {}
-        self._engine = None
+        self._engine: LLMEngine | None = None  # set by the engine thread once vLLM started
         self._dead: BaseException | None = None
         self._procs: list = []
         self.stats = {"requests": 0, "tokens": 0, "steps": 0, "slot_uploads": 0, "max_batch": 0, "capture_fetches": 0}
@@ -442,6 +449,7 @@ class VLLMEngine(ThreadedEngine):
 
     def _turn(self, jobs, aborts, releases, pending) -> None:
         engine = self._engine
+        assert engine is not None  # the loop runs only after _main started the engine, and stops it after
         for fn, fut in jobs:
             if fut.set_running_or_notify_cancel():
                 try:
@@ -457,7 +465,7 @@ class VLLMEngine(ThreadedEngine):
                     self._finish(live, None)
         if releases:
             engine.collective_rpc("wb_release", args=(releases,))
-        waiting = []
+        waiting: list[Request] = []
         for req in pending:
             if req.cancelled:
                 continue
@@ -493,7 +501,7 @@ class VLLMEngine(ThreadedEngine):
     def _live_count(self) -> int:
         return len({id(l) for l in self._live.values()})
 
-    def _wait_for_output(self, engine) -> bool:
+    def _wait_for_output(self, engine: LLMEngine) -> bool:
         """Wait until the engine core has sent output, watching its processes meanwhile.
 
         ``LLMEngine.step`` blocks on the output queue without a timeout; a killed engine core would
@@ -518,7 +526,7 @@ class VLLMEngine(ThreadedEngine):
                 return live
         return None
 
-    def _admit(self, engine, req: Request) -> bool:
+    def _admit(self, engine: LLMEngine, req: Request) -> bool:
         VSP, RequestOutputKind = _compat.sampling_classes()
 
         s = req.sampling
@@ -538,7 +546,7 @@ class VLLMEngine(ThreadedEngine):
             row = self._board.acquire()
             if row is None:
                 return False  # every board row is in use: wait like a request without a spec slot
-        if steered:
+        if fingerprint is not None:  # steered
             got = self._slots.acquire(fingerprint)
             if got is None:
                 self._board.release(row, now=True)
@@ -577,7 +585,7 @@ class VLLMEngine(ThreadedEngine):
             self._board.release(row, now=True)
             req.emit(ErrorEvent(ValidationError(f"vLLM refused these sampling parameters: {exc}")))
             return True
-        prompt = {"prompt_token_ids": list(req.prompt_ids)}
+        prompt: TokensPrompt = {"prompt_token_ids": list(req.prompt_ids)}
         salt = f"{fingerprint or 'none'}:{req.request_id}" if key or row is not None else fingerprint
         if salt:
             prompt["cache_salt"] = salt
@@ -611,6 +619,7 @@ class VLLMEngine(ThreadedEngine):
         for j, token in enumerate(completion.token_ids if completion is not None else ()):
             if params.logprobs is not None:  # detokenize=False: vLLM sends no token texts, decode them here
                 live.logprobs = live.logprobs if live.logprobs is not None else []
+                assert steps is not None  # vLLM sends every token's logprobs when the request asks for them
                 live.logprobs.append({int(t): Logprob(float(lp.logprob), lp.rank, self._token_text(int(t)))
                                       for t, lp in steps[j].items()})
             live.out_ids.append(int(token))
@@ -633,13 +642,14 @@ class VLLMEngine(ThreadedEngine):
 
     def _report_projections(self, live: _Live, computed: int) -> None:
         """Emit the board's values of ``live``'s positions ``reported .. computed-1`` (a mapped read)."""
+        assert live.board_row is not None  # called for watched requests only
         if computed > live.reported:
             values, steered = self._board.read(live.board_row, live.reported, computed, len(live.req.probes),
                                                live.req.condition is not None)
             live.req.emit(ProjectionEvent(live.reported, values, steered))
             live.reported = computed
 
-    def _finish(self, live: _Live, engine) -> None:
+    def _finish(self, live: _Live, engine: LLMEngine | None) -> None:
         """Forget a live request; report its result (``engine=None``: it was cancelled)."""
         self._live.pop(live.vid, None)
         self._live.pop(live.req.request_id, None)
@@ -651,9 +661,11 @@ class VLLMEngine(ThreadedEngine):
             if live.capture_key:
                 self._releases.append(live.capture_key)
             return
+        assert live.finish_reason is not None  # with an engine: _on_output finished it
         if live.board_row is not None:  # what a non-streamed request waited for (streams are up to date)
             self._report_projections(live, len(live.req.prompt_ids) + len(live.out_ids) - 1)
-        captures, logits = {}, None
+        captures: dict | _Remote = {}
+        logits = None
         if live.capture_key:
             if live.req.want_logits:
                 try:
@@ -668,10 +680,10 @@ class VLLMEngine(ThreadedEngine):
                 captures = _Remote(live.capture_key)
         cumulative = None if live.logprobs is None else \
             sum(step[t].logprob for step, t in zip(live.logprobs, live.out_ids))
-        live.req.emit(FinishEvent(live.finish_reason, live.stream.text, list(live.out_ids), captures, logits,
-                                  live.logprobs, cumulative))
+        live.req.emit(FinishEvent(live.finish_reason, live.stream.text, list(live.out_ids),
+                                  captures, logits, live.logprobs, cumulative))
 
-    def _fail_requests(self, engine, failures: dict) -> None:
+    def _fail_requests(self, engine: LLMEngine, failures: dict) -> None:
         """End the requests the workers could not serve: ``{request id: (kind, detail)}``."""
         for rid, (kind, detail) in failures.items():
             live = self._live.get(rid)
@@ -679,7 +691,7 @@ class VLLMEngine(ThreadedEngine):
                 self._fail_live(engine, live, NonFiniteActivationError() if kind == "nonfinite" else
                                 request_failed(detail))
 
-    def _fail_live(self, engine, live: _Live, error: BaseException) -> None:
+    def _fail_live(self, engine: LLMEngine, live: _Live, error: BaseException) -> None:
         """End one request with ``error``; if it still runs, stop it and free its slot and captures."""
         if self._live.get(live.vid) is live:
             live.finish_reason = "error"
