@@ -188,7 +188,7 @@ class Unembedding:
                 total = lf.exp_().sum(-1, keepdim=True)
                 # the candidates' share from their float32 logits instead of the bfloat16 ones
                 total += (exact - shift).exp().sum(-1, keepdim=True) \
-                    - (approx - shift).clamp(min=-80.0).exp().sum(-1, keepdim=True)
+                    - (approx - shift).exp().sum(-1, keepdim=True)
                 ids_out[a:a + c] = cand_ids.gather(1, top.indices)
                 probs_out[a:a + c] = torch.exp(top.values - shift) / total
         if redo:
