@@ -202,7 +202,11 @@ class HFEngine(ThreadedEngine):
         except Exception as exc:
             first = exc
         self._pass = None
-        self._cache.crop(width)
+        # back to `width` positions: the failed step may have grown some layers. Sliced here, not with
+        # DynamicCache.crop(width), whose absolute-size form transformers deprecates
+        for layer in map(_kv_layer, self._cache.layers):
+            keys, values = _kv(layer)
+            layer.keys, layer.values = keys[:, :, :width], values[:, :, :width]
         self._mask = self._mask[:, :width]
         for chunks, n in marks:
             del chunks[n:]
