@@ -17,5 +17,9 @@ async def test_32_streaming_clients_for_30_seconds_each_get_exactly_their_own_to
     assert figures["wrong"] == 0
     assert figures["correct"] >= 32
     assert figures["server_stats"]["streams_aborted"] == 0
-    # the prefix cache (256 MB at most) fills as prompts repeat; anything beyond that would be a leak
-    assert figures["rss_growth_mb"] < 350, figures
+    # A leak grows with the requests served, so it shows in the run's second half. The first half reaches the
+    # allocator's high-water mark for full batches and the prefix cache (256 MB at most): 230-260 MB alone here,
+    # 364 MB once inside a whole `make test`, which is why a bound on the total alone was flaky. Second half:
+    # 0-36 MB measured, against ~180 MB for a leak that would double the total.
+    assert figures["rss_growth_second_half_mb"] < 150, figures
+    assert figures["rss_growth_mb"] < 600, figures
