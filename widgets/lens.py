@@ -43,15 +43,17 @@ class LensPanel(Panel):
 
     def set_conversation(self, messages, interventions=None, steering=None) -> None:
         """What "Run lens" reads next (read at once when "on each turn" is ticked)."""
-        self._conversation = (messages, interventions, steering)
-        self.run_button.disabled = not messages
+        self._remember(messages, interventions, steering)
         if self.auto.value and messages:
             self._spawn(self.run(messages, interventions, steering))
 
+    def _remember(self, messages, interventions, steering) -> None:
+        self._conversation = (messages, interventions, steering)
+        self.run_button.disabled = not messages
+
     async def run(self, messages, interventions=None, steering=None, layers=None):
         """Fetch the logit lens of ``messages`` (under ``interventions`` and a ``steering`` spec) and draw it."""
-        self._conversation = (messages, interventions, steering)   # "Run lens" repeats it
-        self.run_button.disabled = not messages
+        self._remember(messages, interventions, steering)   # "Run lens" repeats it
         self.status.value = "running the lens…"
         name = await self.session.model_name()
         model = wb.Variant(name).add_interventions(interventions) if interventions else name

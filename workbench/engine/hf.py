@@ -202,11 +202,9 @@ class HFEngine(ThreadedEngine):
         except Exception as exc:
             first = exc
         self._pass = None
-        # back to `width` positions: the failed step may have grown some layers. Sliced here, not with
+        # back to `width` positions: the failed step may have grown some layers. Sliced, not with
         # DynamicCache.crop(width), whose absolute-size form transformers deprecates
-        for layer in map(_kv_layer, self._cache.layers):
-            keys, values = _kv(layer)
-            layer.keys, layer.values = keys[:, :, :width], values[:, :, :width]
+        _slice_kv(self._cache, slice(None), slice(None, width))
         self._mask = self._mask[:, :width]
         for chunks, n in marks:
             del chunks[n:]
@@ -402,10 +400,7 @@ class HFEngine(ThreadedEngine):
         # leading columns that are padding for every remaining row can go
         first = int(self._mask.any(dim=0).nonzero()[0])
         self._mask = self._mask[:, first:]
-        for layer in map(_kv_layer, self._cache.layers):
-            keys, values = _kv(layer)
-            layer.keys = keys[index, :, first:]
-            layer.values = values[index, :, first:]
+        _slice_kv(self._cache, index, slice(first, None))
         self._plan_key = None
 
     def _remember(self, i: int, row: _Row) -> None:
@@ -639,6 +634,13 @@ def _kv(layer: CacheLayerMixin | LinearAttentionCacheLayerMixin) -> tuple[torch.
     kv = _kv_layer(layer)
     assert kv.keys is not None and kv.values is not None
     return kv.keys, kv.values
+
+
+def _slice_kv(cache: DynamicCache, rows, positions) -> None:
+    """Keep ``[rows, :, positions]`` of every layer's keys and values, in place."""
+    for layer in map(_kv_layer, cache.layers):
+        keys, values = _kv(layer)
+        layer.keys, layer.values = keys[rows, :, positions], values[rows, :, positions]
 
 
 def _lpad(t: torch.Tensor, width: int, dim: int = 2) -> torch.Tensor:
